@@ -1,0 +1,87 @@
+"""`Experts`: E independent MLPs applied to an expert buffer in one batched call."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+ACTIVATIONS = {'gelu': jax.nn.gelu, 'relu': jax.nn.relu, 'silu': jax.nn.silu}
+
+
+def expert_kernel_init(scale: float = 1.0):
+  """LeCun-normal per expert: fan-in of one expert's [d_in, d_out] matrix, axis 0 is E.
+
+  Every element is an independent draw, so experts start different (vmoe shares one
+  initialisation across experts; we do not).
+  """
+  return jax.nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal',
+                                              in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class Experts(nnx.Module):
+  """E MLPs with stacked weights.
+
+  `y = W_out · act(W_in · x + b_in) + b_out`, or with `glu=True`
+  `y = W_out · (act(W_gate · x) * (W_in · x)) + b_out` (GEGLU / SwiGLU, Shazeer 2020).
+
+  Params: `w_in` [E, d, h], `w_gate` [E, d, h] (GLU only), `w_out` [E, h, d],
+  `b_in` [E, h], `b_out` [E, d] (when `use_bias`).
+  """
+
+  def __init__(self, num_experts: int, d_model: int, hidden: int, *, activation: str = 'gelu',
+               glu: bool = False, use_bias: bool = True, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}')
+    self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+    self.activation, self.glu, self.use_bias, self.dtype = activation, glu, use_bias, dtype
+    init = expert_kernel_init()
+    self.w_in = nnx.Param(init(rngs.params(), (num_experts, d_model, hidden), param_dtype))
+    self.w_gate = (nnx.Param(init(rngs.params(), (num_experts, d_model, hidden), param_dtype))
+                   if glu else nnx.data(None))
+    self.w_out = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model), param_dtype))
+    if use_bias:
+      self.b_in = nnx.Param(jnp.zeros((num_experts, hidden), param_dtype))
+      self.b_out = nnx.Param(jnp.zeros((num_experts, d_model), param_dtype))
+    else:
+      self.b_in = self.b_out = nnx.data(None)
+
+  def apply_weights(self, params: dict, x: Array) -> Array:
+    """The MLP on raw arrays (so parallel code can pass local shards).
+
+    Args:
+      params: dict with 'w_in', 'w_out' and optionally 'w_gate', 'b_in', 'b_out', each
+        with a leading expert axis E' (all experts, or a device's local experts).
+      x: [E', N, d] expert buffer.
+    Returns:
+      [E', N, d] in the compute dtype.
+    """
+    dtype = self.dtype or x.dtype
+    act = ACTIVATIONS[self.activation]
+    x = x.astype(dtype)
+    h = jnp.einsum('end,edh->enh', x, params['w_in'].astype(dtype))
+    if params.get('b_in') is not None:
+      h = h + params['b_in'].astype(dtype)[:, None, :]
+    if params.get('w_gate') is not None:
+      h = act(jnp.einsum('end,edh->enh', x, params['w_gate'].astype(dtype))) * h
+    else:
+      h = act(h)
+    y = jnp.einsum('enh,ehd->end', h, params['w_out'].astype(dtype))
+    if params.get('b_out') is not None:
+      y = y + params['b_out'].astype(dtype)[:, None, :]
+    return y
+
+  def params_dict(self) -> dict:
+    names = ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')
+    return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
+
+  def __call__(self, x: Array) -> Array:
+    """x: [E, N, d] -> [E, N, d]."""
+    return self.apply_weights(self.params_dict(), x)
+
+  def flops_per_token(self) -> int:
+    """Multiply-add FLOPs (×2) of one expert on one token, forward."""
+    mats = 3 if self.glu else 2
+    return 2 * mats * self.d_model * self.hidden

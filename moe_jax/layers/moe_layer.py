@@ -1,0 +1,82 @@
+"""`MoeLayer`: router -> engine dispatch -> experts -> combine.
+
+    layer = MoeLayer(d_model=64, num_experts=8, expert_hidden=128,
+                     router='tokens_choice', router_kwargs=dict(k=2),
+                     engine='gather', rngs=nnx.Rngs(0))
+    y, aux = layer(x)          # x [B, S, d] -> y [B, S, d]
+    aux['losses']   # name -> weighted scalar, add their sum to the task loss
+    aux['metrics']  # name -> array (dropped_fraction, expert_load, router_entropy, ...)
+
+Routing groups: by default one group per example (G = B, the group is a sequence or an
+image). `group_size=n` instead regroups the B·S tokens into groups of n (V-MoE routes
+groups of several images).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.layers.engines import get_engine
+from moe_jax.layers.experts import Experts
+from moe_jax.layers.registry import get_router_class
+
+Array = jax.Array
+
+
+class MoeLayer(nnx.Module):
+  """A Mixture-of-Experts MLP block.
+
+  Args:
+    d_model: d, token width.
+    num_experts: E.
+    expert_hidden: h, hidden width of each expert MLP.
+    router: a key of `layers.ROUTERS`.
+    router_kwargs: keyword arguments of that router class (see its docstring).
+    engine: a key of `layers.ENGINES` ('einsum', 'gather', ...).
+    activation: expert activation ('gelu', 'relu', 'silu').
+    glu: gated expert MLP (GEGLU / SwiGLU).
+    group_size: tokens per routing group; None = one group per example.
+    dtype: compute dtype of the experts (None: the input's). Routing stays float32.
+    rngs: `nnx.Rngs`.
+  """
+
+  def __init__(self, d_model: int, num_experts: int, expert_hidden: int, *,
+               router: str = 'tokens_choice', router_kwargs: dict | None = None,
+               engine: str = 'gather', activation: str = 'gelu', glu: bool = False,
+               group_size: int | None = None, dtype=None, rngs: nnx.Rngs):
+    if num_experts < 1:
+      raise ValueError(f'num_experts must be >= 1, got {num_experts}.')
+    self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
+    self.router_name, self.engine_name = router, engine
+    get_engine(engine)   # fail at construction on a bad name
+    router_cls = get_router_class(router)
+    self.router = router_cls(d_model, num_experts, rngs=rngs, **dict(router_kwargs or {}))
+    self.experts = Experts(num_experts, d_model, expert_hidden, activation=activation, glu=glu,
+                           dtype=dtype, rngs=rngs)
+
+  @property
+  def is_causal(self) -> bool:
+    return self.router.is_causal and self.group_size is None
+
+  def _group(self, x: Array) -> Array:
+    b, s = x.shape[:2]
+    if self.group_size is None:
+      return x
+    n = b * s
+    if n % self.group_size:
+      raise ValueError(f'{b}x{s}={n} tokens do not split into routing groups of '
+                       f'group_size={self.group_size}; change group_size or the batch.')
+    return x.reshape(n // self.group_size, self.group_size, *x.shape[2:])
+
+  def __call__(self, x: Array, *, token_ids: Array | None = None) -> tuple[Array, dict]:
+    """x: [B, S, d], token_ids: [B, S] int (hash routers) -> (y [B, S, d], aux)."""
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f'MoeLayer expects x of shape [B, S, {self.d_model}], got {x.shape}.')
+    if self.router.needs_token_ids and token_ids is None:
+      raise ValueError(f'router {self.router_name!r} needs token_ids: call layer(x, token_ids=ids).')
+    xg = self._group(x)
+    ids = None if token_ids is None else self._group(token_ids)
+    r = self.router(xg, token_ids=ids)
+    y = get_engine(self.engine_name).apply(xg, r, self.experts)
+    return y.reshape(x.shape).astype(x.dtype), dict(losses=r.aux_losses, metrics=r.metrics)

@@ -1,0 +1,20 @@
+"""The one router registry: config name -> router module class.
+
+Configs and `MoeLayer(router=...)` name routers by these keys; nothing is evaluated
+from strings. A new router adds one import and one line here.
+"""
+from __future__ import annotations
+
+from moe_jax.layers.routers import ExpertsChoiceRouter, SoftMoeRouter, TokensChoiceRouter
+
+ROUTERS = {
+    'tokens_choice': TokensChoiceRouter,
+    'experts_choice': ExpertsChoiceRouter,
+    'soft_moe': SoftMoeRouter,
+}
+
+
+def get_router_class(name: str):
+  if name not in ROUTERS:
+    raise ValueError(f'unknown router {name!r}; choose one of {sorted(ROUTERS)}.')
+  return ROUTERS[name]

@@ -1,0 +1,172 @@
+"""Router modules: own the gating parameters, call the pure routing functions.
+
+Every router module is built as `Router(d_model, num_experts, *, rngs, **router_kwargs)`
+and called as `router(x, token_ids=None) -> Routing` with `x: [G, S, d]`. Router math
+runs in float32 whatever the activation dtype (Switch "selective precision").
+`deterministic=True` (set by `module.eval()`) turns off noise and sampling and switches
+to the evaluation capacity factor.
+
+Class attributes read by models and configs:
+  * `causal`: whether the routing of token t depends only on tokens <= t (a decoder
+    refuses non-causal routers); instances may refine it (`is_causal`).
+  * `needs_token_ids`: whether `token_ids` must be given (hash routers).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import routing
+
+Array = jax.Array
+
+
+def router_kernel_init(scale: float = 0.1):
+  """Switch Transformer init (Fedus et al. §2.4): truncated normal, std sqrt(scale/fan_in).
+
+  The paper reduces the default scale 1.0 to 0.1 for stability; flaxformer's
+  normal(2e-2) is the same order of magnitude for d ~ 256-768.
+  """
+  return jax.nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal')
+
+
+class LinearGate(nnx.Module):
+  """logits = x · W in float32, W: [d, E], no bias (Switch, V-MoE, flaxformer)."""
+
+  def __init__(self, d_model: int, num_experts: int, *, init_scale: float = 0.1, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(router_kernel_init(init_scale)(rngs.params(), (d_model, num_experts),
+                                                           jnp.float32))
+
+  def __call__(self, x: Array) -> Array:
+    """x: [..., d] -> logits [..., E] float32."""
+    return jnp.einsum('...d,de->...e', x.astype(jnp.float32), self.kernel[...],
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+class Router(nnx.Module):
+  """Base class: evaluation mode flag, optional logit noise and the registry contract."""
+  causal: bool = True
+  needs_token_ids: bool = False
+
+  @property
+  def is_causal(self) -> bool:
+    return self.causal
+
+  def _init_noise(self, noise_std: float, rngs: nnx.Rngs):
+    self.noise_std = noise_std
+    self.deterministic = False
+    self.rngs = rngs['gating'].fork() if noise_std else nnx.data(None)
+
+  def _noisy(self, logits: Array) -> Array:
+    """Adds N(0, noise_std²) to the logits in training (V-MoE uses noise_std = 1/E)."""
+    if self.deterministic or not self.noise_std:
+      return logits
+    return logits + self.noise_std * jax.random.normal(self.rngs(), logits.shape, logits.dtype)
+
+
+class TokensChoiceRouter(Router):
+  """Softmax top-k token choice (`routing.tokens_choice`) behind a linear gate.
+
+  router_kwargs: `k`, `capacity_factor`, `eval_capacity_factor` (Switch/ST-MoE use 2.0
+  at evaluation; default: same as training), `noise_std`, `init_scale`, and every
+  other keyword of `routing.tokens_choice` (batch_priority, renormalize, loss weights,
+  capacity convention).
+  """
+
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 1,
+               capacity_factor: float = 1.25, eval_capacity_factor: float | None = None,
+               noise_std: float = 0.0, init_scale: float = 0.1, **routing_kwargs):
+    if not 1 <= k <= num_experts:
+      raise ValueError(f'k={k} must be between 1 and num_experts={num_experts}.')
+    self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
+    self.k, self.capacity_factor = k, capacity_factor
+    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    self.routing_kwargs = dict(routing_kwargs)
+    self._init_noise(noise_std, rngs)
+
+  @property
+  def is_causal(self) -> bool:
+    return not self.routing_kwargs.get('batch_priority', False)
+
+  def __call__(self, x: Array, *, token_ids: Array | None = None) -> routing.Routing:
+    logits = self._noisy(self.gate(x))
+    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+    return routing.tokens_choice(logits, k=self.k, capacity_factor=cf, **self.routing_kwargs)
+
+
+class ExpertsChoiceRouter(Router):
+  """Expert choice (`routing.experts_choice`) behind a linear gate. Not causal.
+
+  router_kwargs: `capacity_factor` (default 2.0, the paper's EC-CF2),
+  `eval_capacity_factor`, `noise_std`, `init_scale`, and the keywords of
+  `routing.experts_choice`.
+  """
+  causal = False
+
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
+               capacity_factor: float = 2.0, eval_capacity_factor: float | None = None,
+               noise_std: float = 0.0, init_scale: float = 0.1, **routing_kwargs):
+    self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
+    self.capacity_factor = capacity_factor
+    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    self.routing_kwargs = dict(routing_kwargs)
+    self._init_noise(noise_std, rngs)
+
+  def __call__(self, x: Array, *, token_ids: Array | None = None) -> routing.Routing:
+    logits = self._noisy(self.gate(x))
+    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+    return routing.experts_choice(logits, capacity_factor=cf, **self.routing_kwargs)
+
+
+def l2_normalize(x: Array, axis: int, eps: float = 1e-6) -> Array:
+  """x / sqrt(Σ x² + eps) along `axis` (eps inside the root, as in vmoe)."""
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + eps)
+
+
+class SoftMoeRouter(Router):
+  """Soft MoE router (Puigcerver et al. 2023, Algorithm 2).
+
+  Params: `phi` Φ [d, E, P] (LeCun normal), `scale` (scalar, init 1).
+  logits[g, m, n, p] = scale · <x̂[g, m], Φ̂[:, n, p]> with x̂ the l2-normalised tokens and
+  Φ̂ the l2-normalised columns of Φ (paper App. E: without it the softmaxes collapse to
+  one-hot as d grows). The experts then mix the un-normalised tokens.
+
+  router_kwargs:
+    num_slots: P, slots per expert (paper default 1).
+    capacity_factor + num_tokens: alternatively P = round(capacity_factor · S / E), with
+      S = num_tokens per group, as vmoe does when num_slots is None.
+    normalize: l2-normalise x and Φ with the learned scale (default True; False gives
+      plain logits x · Φ).
+    noise_std: Gaussian noise on the logits in training (vmoe default 0).
+  """
+  causal = False
+
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, num_slots: int | None = 1,
+               capacity_factor: float | None = None, num_tokens: int | None = None,
+               normalize: bool = True, noise_std: float = 0.0):
+    if capacity_factor is not None:
+      if num_tokens is None:
+        raise ValueError('soft_moe with capacity_factor needs num_tokens (tokens per group) '
+                         'to size Φ; or pass num_slots instead.')
+      num_slots = max(1, int(round(capacity_factor * num_tokens / num_experts)))
+    if not num_slots or num_slots < 1:
+      raise ValueError(f'soft_moe needs num_slots >= 1 or a capacity_factor, got {num_slots!r}.')
+    self.num_experts, self.num_slots, self.normalize = num_experts, num_slots, normalize
+    init = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    self.phi = nnx.Param(init(rngs.params(), (d_model, num_experts, num_slots), jnp.float32))
+    self.scale = nnx.Param(jnp.ones((), jnp.float32))
+    self._init_noise(noise_std, rngs)
+
+  def logits(self, x: Array) -> Array:
+    """x: [G, S, d] -> [G, S, E, P] float32."""
+    x = x.astype(jnp.float32)
+    phi = self.phi[...]
+    if self.normalize:
+      x = l2_normalize(x, axis=-1)
+      phi = self.scale[...] * l2_normalize(phi, axis=0)
+    logits = jnp.einsum('gsd,dnp->gsnp', x, phi, precision=jax.lax.Precision.HIGHEST)
+    return self._noisy(logits)
+
+  def __call__(self, x: Array, *, token_ids: Array | None = None) -> routing.Routing:
+    return routing.soft_moe(self.logits(x))
