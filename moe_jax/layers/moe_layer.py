@@ -24,6 +24,12 @@ from moe_jax.layers.registry import get_router_class
 Array = jax.Array
 
 
+def _permute(a: Array, perm: Array) -> Array:
+  """a: [G, S, ...] -> the same shape with its G·S tokens in the order `perm` [G·S]."""
+  g, s = a.shape[:2]
+  return a.reshape(g * s, *a.shape[2:])[perm].reshape(a.shape)
+
+
 class MoeLayer(nnx.Module):
   """A Mixture-of-Experts MLP block.
 
@@ -77,6 +83,11 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'router {self.router_name!r} needs token_ids: call layer(x, token_ids=ids).')
     xg = self._group(x)
     ids = None if token_ids is None else self._group(token_ids)
+    perm = self.router.token_permutation(*xg.shape[:2])
+    if perm is not None:
+      xg, ids = _permute(xg, perm), (None if ids is None else _permute(ids, perm))
     r = self.router(xg, token_ids=ids)
     y = get_engine(self.engine_name).apply(xg, r, self.experts)
+    if perm is not None:
+      y = _permute(y, jnp.argsort(perm))
     return y.reshape(x.shape).astype(x.dtype), dict(losses=r.aux_losses, metrics=r.metrics)

@@ -6,11 +6,17 @@ from strings. A new router adds one import and one line here.
 from __future__ import annotations
 
 from moe_jax.layers.routers import ExpertsChoiceRouter, SoftMoeRouter, TokensChoiceRouter
+from moe_jax.layers.routers_base import BaseRouter
+from moe_jax.layers.routers_hash import HashRouter
+from moe_jax.layers.routers_sinkhorn import SinkhornBaseRouter
 
 ROUTERS = {
     'tokens_choice': TokensChoiceRouter,
     'experts_choice': ExpertsChoiceRouter,
     'soft_moe': SoftMoeRouter,
+    'hash': HashRouter,
+    'base': BaseRouter,
+    'sinkhorn_base': SinkhornBaseRouter,
 }
 
 

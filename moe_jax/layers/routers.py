@@ -53,6 +53,11 @@ class Router(nnx.Module):
   def is_causal(self) -> bool:
     return self.causal
 
+  def token_permutation(self, num_groups: int, num_tokens: int) -> Array | None:
+    """Optional [G·S] permutation of all tokens, applied before routing and undone after
+    the combine (BASE's shuffle across the batch); None (default) keeps the groups."""
+    return None
+
   def _init_noise(self, noise_std: float, rngs: nnx.Rngs):
     self.noise_std = noise_std
     self.deterministic = False

@@ -1,4 +1,5 @@
 """Pure routing math: logits -> `Routing`. Imports jax only (no Flax, no TensorFlow)."""
+from moe_jax.routing import base, hashing, sinkhorn   # BASE, Hash layers, S-BASE (catalogue B)
 from moe_jax.routing.assign import assign_slots
 from moe_jax.routing.capacity import compute_capacity
 from moe_jax.routing.experts_choice import experts_choice
