@@ -64,8 +64,8 @@ def test_bf16_activations_keep_routing_in_float32():
     out = []
     x16 = x32.astype(jnp.bfloat16)
     for layer in layer_list:
-      out.append(dict(r16=layer.router(x16), y16=layer(x16)[0], y32=layer(x32)[0],
-                      aux16=layer(x16)[1]))
+      y16, aux16 = layer(x16)
+      out.append(dict(r16=layer.router(x16), y16=y16, y32=layer(x32)[0], aux16=aux16))
     return out
 
   for (name, _), out in zip(ROUTER_CONFIGS, run(layer_list, x32)):
