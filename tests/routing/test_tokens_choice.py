@@ -127,12 +127,12 @@ def test_top1_choices_take_slots_before_any_top2():
 
 
 def test_batch_priority_order_hand_built():
-  """BPR: with C=1 the token with the highest top-1 probability gets the slot."""
+  """BPR: with C=1 the token with the highest top-1 probability (token 1, not the
+  first token) gets expert 0's slot; the others are dropped."""
   logits = np.log(np.array([[[0.6, 0.4], [0.9, 0.1], [0.7, 0.3]]], np.float32))
-  plain = tokens_choice(logits, k=1, capacity=1)
   bpr = tokens_choice(logits, k=1, capacity=1, batch_priority=True)
-  assert np.asarray(plain.slot_token)[0, 0, 0] == 0
-  assert np.asarray(bpr.slot_token)[0, 0, 0] == 1
+  np.testing.assert_array_equal(np.asarray(bpr.slot_token)[0], [[1], [3]])
+  np.testing.assert_array_equal(np.asarray(bpr.token_slot)[0, :, 0], [2, 0, 2])
 
 
 def test_dropped_assignments_have_zero_weight_and_zero_output():
