@@ -13,6 +13,8 @@ Class attributes read by models and configs:
 """
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +31,27 @@ def router_kernel_init(scale: float = 0.1):
   normal(2e-2) is the same order of magnitude for d ~ 256-768.
   """
   return jax.nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal')
+
+
+def check_capacity_factors(name: str, capacity_factor, eval_capacity_factor):
+  """Raises at construction, not at the first call, on a non-positive factor."""
+  for label, cf in (('capacity_factor', capacity_factor),
+                    ('eval_capacity_factor', eval_capacity_factor)):
+    if cf is not None and not cf > 0:
+      raise ValueError(f'{name}: {label} must be > 0, got {cf!r}.')
+
+
+def check_routing_kwargs(router_cls, fn, kwargs: dict):
+  """Rejects router_kwargs that neither the router nor `fn` takes (a typo would
+  otherwise surface only at the first call, or never)."""
+  def keyword_only(f):
+    params = inspect.signature(f).parameters
+    return {p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY}
+  allowed = (keyword_only(router_cls.__init__) | keyword_only(fn)) - {'rngs'}
+  unknown = sorted(set(kwargs) - allowed)
+  if unknown:
+    raise TypeError(f'{router_cls.__name__} got unknown router_kwargs {unknown}; '
+                    f'valid ones: {sorted(allowed)}.')
 
 
 class LinearGate(nnx.Module):
@@ -84,9 +107,12 @@ class TokensChoiceRouter(Router):
                noise_std: float = 0.0, init_scale: float = 0.1, **routing_kwargs):
     if not 1 <= k <= num_experts:
       raise ValueError(f'k={k} must be between 1 and num_experts={num_experts}.')
+    check_capacity_factors('tokens_choice', capacity_factor, eval_capacity_factor)
+    check_routing_kwargs(type(self), routing.tokens_choice, routing_kwargs)
     self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
     self.k, self.capacity_factor = k, capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                 else eval_capacity_factor)
     self.routing_kwargs = dict(routing_kwargs)
     self._init_noise(noise_std, rngs)
 
@@ -112,9 +138,12 @@ class ExpertsChoiceRouter(Router):
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
                capacity_factor: float = 2.0, eval_capacity_factor: float | None = None,
                noise_std: float = 0.0, init_scale: float = 0.1, **routing_kwargs):
+    check_capacity_factors('experts_choice', capacity_factor, eval_capacity_factor)
+    check_routing_kwargs(type(self), routing.experts_choice, routing_kwargs)
     self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
     self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                 else eval_capacity_factor)
     self.routing_kwargs = dict(routing_kwargs)
     self._init_noise(noise_std, rngs)
 
