@@ -6,11 +6,20 @@ from strings. A new router adds one import and one line here.
 from __future__ import annotations
 
 from moe_jax.layers.routers import ExpertsChoiceRouter, SoftMoeRouter, TokensChoiceRouter
+from moe_jax.layers.routers_deepseek import DeepSeekRouter
+from moe_jax.layers.routers_gshard import GShardTop2Router
+from moe_jax.layers.routers_noisy_top_k import NoisyTopKRouter
+from moe_jax.layers.routers_switch import StraightThroughRouter, SwitchRouter
 
 ROUTERS = {
     'tokens_choice': TokensChoiceRouter,
     'experts_choice': ExpertsChoiceRouter,
     'soft_moe': SoftMoeRouter,
+    'noisy_top_k': NoisyTopKRouter,
+    'gshard_top2': GShardTop2Router,
+    'switch': SwitchRouter,
+    'straight_through': StraightThroughRouter,
+    'deepseek': DeepSeekRouter,
 }
 
 
