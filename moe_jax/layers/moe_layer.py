@@ -62,8 +62,9 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'num_shared_experts must be >= 0, got {num_shared_experts}.')
     self.shared_experts = nnx.data(None)
     if num_shared_experts:
-      self.shared_experts = Experts(num_shared_experts, d_model, shared_expert_hidden or expert_hidden,
-                                    activation=activation, glu=glu, dtype=dtype, rngs=rngs)
+      self.shared_experts = Experts(num_shared_experts, d_model,
+                                    shared_expert_hidden or expert_hidden, activation=activation,
+                                    glu=glu, dtype=dtype, rngs=rngs)
 
   @property
   def is_causal(self) -> bool:

@@ -82,15 +82,19 @@ class DeepSeekRouter(Router):
     self.expert_bias = ExpertBias(jnp.zeros((num_experts,), jnp.float32))
     self.k, self.num_experts, self.bias_update_rate = k, num_experts, bias_update_rate
     self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
+    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                 else eval_capacity_factor)
     self.routing_kwargs = check_routing_kwargs(
         deepseek_routing, routing_kwargs, 'deepseek', reserved=('k', 'capacity_factor'))
     # Fail on bad group options at construction rather than at the first call.
-    group_limited_top_k(jnp.zeros((num_experts,)), k, **{
-        n: v for n, v in routing_kwargs.items() if n in ('n_groups', 'topk_groups', 'group_score')})
+    group_options = {n: v for n, v in routing_kwargs.items()
+                     if n in ('n_groups', 'topk_groups', 'group_score')}
+    jax.eval_shape(lambda s: group_limited_top_k(s, k, **group_options),
+                   jax.ShapeDtypeStruct((num_experts,), jnp.float32))
     for name, choices in (('score_func', SCORE_FUNCS), ('balance_count', BALANCE_COUNTS)):
       if name in routing_kwargs and routing_kwargs[name] not in choices:
-        raise ValueError(f'deepseek: {name} must be one of {choices}, got {routing_kwargs[name]!r}.')
+        raise ValueError(f'deepseek: {name} must be one of {choices}, '
+                         f'got {routing_kwargs[name]!r}.')
     self.deterministic = False
 
   def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None) -> Routing:

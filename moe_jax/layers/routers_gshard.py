@@ -41,11 +41,13 @@ class GShardTop2Router(Router):
                init_scale: float = 0.1, **routing_kwargs):
     if num_experts < 2:
       raise ValueError(f'gshard_top2 needs num_experts >= 2, got {num_experts}.')
-    for name, policy in (('second_policy', second_policy), ('eval_second_policy', eval_second_policy)):
+    for name, policy in (('second_policy', second_policy),
+                         ('eval_second_policy', eval_second_policy)):
       if policy not in SECOND_POLICIES:
         raise ValueError(f'gshard_top2: {name} must be one of {SECOND_POLICIES}, got {policy!r}.')
     if renormalize not in RENORMALIZE:
-      raise ValueError(f'gshard_top2: renormalize must be one of {RENORMALIZE}, got {renormalize!r}.')
+      raise ValueError(f'gshard_top2: renormalize must be one of {RENORMALIZE}, '
+                       f'got {renormalize!r}.')
     self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
     self.second_policy, self.eval_second_policy = second_policy, eval_second_policy
     self.second_threshold, self.renormalize = second_threshold, renormalize

@@ -44,12 +44,14 @@ class NoisyTopKRouter(Router):
     self.k, self.noisy, self.noise_epsilon = k, noisy, noise_epsilon
     self.importance_weight, self.load_weight = importance_weight, load_weight
     self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
+    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                 else eval_capacity_factor)
     self.routing_kwargs = check_routing_kwargs(
         noisy_top_k, routing_kwargs, 'noisy_top_k',
         reserved=('k', 'noise_epsilon', 'importance_weight', 'load_weight', 'capacity_factor'))
     self.w_gate = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32))
-    self.w_noise = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32)) if noisy else nnx.data(None)
+    self.w_noise = (nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32)) if noisy
+                    else nnx.data(None))
     self.deterministic = False
     self.rngs = rngs['gating'].fork() if noisy else nnx.data(None)
 

@@ -166,6 +166,6 @@ def deepseek_routing(logits: Array, bias: Array | None = None, *, k: int = 8,
                       include_k=capacity_include_k, rounding=capacity_rounding,
                       multiple_of=capacity_multiple_of, min_capacity=min_capacity)
   probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-  return finish_token_routing(probs, expert_index, weight, capacity=c,
-                              aux_losses=losses_lib.weighted(raw, dict(seq_balance=seq_balance_weight)),
+  aux = losses_lib.weighted(raw, dict(seq_balance=seq_balance_weight))
+  return finish_token_routing(probs, expert_index, weight, capacity=c, aux_losses=aux,
                               metrics=metrics)

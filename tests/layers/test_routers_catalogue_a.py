@@ -8,6 +8,11 @@ from flax import nnx
 
 from moe_jax import layers
 
+
+def rngs():
+  # 'rbg' keys: random bits compile far faster on CPU than the default threefry.
+  return nnx.Rngs(jax.random.key(0, impl='rbg'))
+
 D, E, H = 8, 4, 16
 CASES = {
     'noisy_top_k': dict(k=2),
@@ -19,11 +24,8 @@ CASES = {
 
 
 def make(router, engine, **extra):
-  # 'rbg' keys: the same routing logic, but random bits compile ~6x faster on CPU than
-  # the default partitionable threefry, which dominates these tests' compile time.
-  rngs = nnx.Rngs(jax.random.key(0, impl='rbg'))
   return layers.MoeLayer(D, E, H, router=router, router_kwargs=CASES[router], engine=engine,
-                         rngs=rngs, **extra)
+                         rngs=rngs(), **extra)
 
 
 def loss_fn(layer, x):
@@ -33,13 +35,15 @@ def loss_fn(layer, x):
 
 @nnx.jit
 def all_modes(train_layer, eval_layer, x):
-  """Training: forward + gradient through MoeLayer (gather engine). Evaluation, bf16:
-  MoeLayer (einsum engine) and the gather engine applied to the same router output."""
-  (_, (y, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(train_layer, x)
+  """Training: forward + router gradient through MoeLayer (gather engine). Evaluation,
+  bf16: the router's output through both engines (MoeLayer's path minus the reshape)."""
+  router_params = nnx.DiffState(0, nnx.All(nnx.Param, nnx.PathContains('router')))
+  (_, (y, aux)), grads = nnx.value_and_grad(loss_fn, argnums=router_params,
+                                            has_aux=True)(train_layer, x)
   xb = x.astype(jnp.bfloat16)
-  y_einsum, _ = eval_layer(xb)
   r = eval_layer.router(xb)
-  y_gather = layers.get_engine('gather').apply(xb, r, eval_layer.experts)
+  y_einsum, y_gather = (layers.get_engine(name).apply(xb, r, eval_layer.experts)
+                        for name in ('einsum', 'gather'))
   return y, aux, grads, y_einsum, y_gather
 
 
@@ -49,7 +53,7 @@ def test_registry_and_flags():
     assert layers.ROUTERS[name].causal                 # every one of them is causal
   with pytest.raises(ValueError, match="unknown router_kwargs \\['capacity_factr'\\]"):
     layers.MoeLayer(D, E, H, router='switch', router_kwargs=dict(capacity_factr=2.0),
-                    rngs=nnx.Rngs(0))
+                    rngs=rngs())
 
 
 @pytest.mark.parametrize('router', sorted(CASES))
@@ -60,8 +64,7 @@ def test_jit_train_eval_engines_bf16(router):
   y, aux, grads, y_einsum, y_gather = all_modes(train_layer, eval_layer, x)
   assert y.dtype == jnp.float32 and np.abs(np.asarray(y)).sum() > 0
   assert aux['losses'] and all(np.isfinite(float(v)) for v in aux['losses'].values())
-  router_grads = nnx.state(grads, nnx.Param)['router']
-  total = sum(float(np.abs(np.asarray(g)).sum()) for g in jax.tree.leaves(router_grads))
+  total = sum(float(np.abs(np.asarray(g)).sum()) for g in jax.tree.leaves(grads['router']))
   assert total > 0, f'{router}: no gradient reaches the router'
   assert y_einsum.dtype == y_gather.dtype == jnp.bfloat16
   y_einsum, y_gather = np.asarray(y_einsum, np.float32), np.asarray(y_gather, np.float32)

@@ -89,7 +89,8 @@ def test_matches_algorithm_1(policy, threshold, renormalize):
     ref, aux = algorithm1(logits[gi], uniform[gi], 8, policy, thr, after=renormalize == 'after')
     np.testing.assert_allclose(combine[gi], ref, atol=1e-5)
     auxes.append(aux)
-  np.testing.assert_allclose(float(r.aux_losses['load_balancing']), 1e-2 * np.mean(auxes), rtol=1e-4)
+  np.testing.assert_allclose(float(r.aux_losses['load_balancing']), 1e-2 * np.mean(auxes),
+                             rtol=1e-4)
   assert float(r.metrics['dropped_fraction']) > 0    # group 0 overflowed
 
 
@@ -98,7 +99,8 @@ def test_capacity_convention_and_errors():
   shape = lambda **kw: jax.eval_shape(lambda z: gshard_top2(z, second_policy='all', **kw), logits)
   assert shape().capacity == 5             # ceil(2 * 10 / 4)
   assert shape(capacity=3).capacity == 3
-  assert shape(capacity_factor=1.25, capacity_include_k=False, capacity_rounding='floor').capacity == 3
+  mesh_tf = dict(capacity_factor=1.25, capacity_include_k=False, capacity_rounding='floor')
+  assert shape(**mesh_tf).capacity == 3   # int(10 * 1.25 / 4)
   with pytest.raises(ValueError, match='uniform'):
     jax.eval_shape(gshard_top2, logits)
   with pytest.raises(ValueError, match='second_policy'):
