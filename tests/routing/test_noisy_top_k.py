@@ -70,9 +70,9 @@ def _inputs(g=2, s=12, e=5, seed=0):
           rng.normal(size=(g, s, e)).astype(np.float32))
 
 
-@pytest.mark.parametrize('k', [1, 3])
-def test_training_gates_and_losses_match_reference(k):
+def test_training_gates_and_losses_match_reference():
   clean, raw, eps = _inputs()
+  k = 3
   r = run(noisy_top_k, clean, raw, eps, k=k, importance_weight=0.3, load_weight=0.7)
   combine = combine_of(r)
   imp, load = [], []
@@ -89,9 +89,9 @@ def test_training_gates_and_losses_match_reference(k):
 
 def test_eval_is_softmax_over_clean_top_k_and_load_counts():
   clean, _, _ = _inputs(seed=1)
-  r = run(noisy_top_k, clean, k=2)
+  r = run(noisy_top_k, clean, k=1)
   combine = combine_of(r)
-  refs = [reference(clean[gi], None, None, 2) for gi in range(2)]
+  refs = [reference(clean[gi], None, None, 1) for gi in range(2)]
   for gi in range(2):
     np.testing.assert_allclose(combine[gi], refs[gi][0], atol=1e-5)
   np.testing.assert_allclose(float(r.aux_losses['importance']),
