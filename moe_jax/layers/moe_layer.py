@@ -45,12 +45,16 @@ class MoeLayer(nnx.Module):
     group_size: tokens per routing group; None = one group per example.
     dtype: compute dtype of the experts (None: the input's). Routing stays float32.
     rngs: `nnx.Rngs`.
+    num_shared_experts: experts applied to every token, unweighted, their outputs added
+      to the routed output (DeepSeekMoE / V3 "shared experts"; default 0).
+    shared_expert_hidden: hidden width of each shared expert (default `expert_hidden`).
   """
 
   def __init__(self, d_model: int, num_experts: int, expert_hidden: int, *,
                router: str = 'tokens_choice', router_kwargs: dict | None = None,
                engine: str = 'gather', activation: str = 'gelu', glu: bool = False,
-               group_size: int | None = None, dtype=None, rngs: nnx.Rngs):
+               group_size: int | None = None, dtype=None, rngs: nnx.Rngs,
+               num_shared_experts: int = 0, shared_expert_hidden: int | None = None):
     if num_experts < 1:
       raise ValueError(f'num_experts must be >= 1, got {num_experts}.')
     self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
@@ -60,6 +64,13 @@ class MoeLayer(nnx.Module):
     self.router = router_cls(d_model, num_experts, rngs=rngs, **dict(router_kwargs or {}))
     self.experts = Experts(num_experts, d_model, expert_hidden, activation=activation, glu=glu,
                            dtype=dtype, rngs=rngs)
+    if num_shared_experts < 0:
+      raise ValueError(f'num_shared_experts must be >= 0, got {num_shared_experts}.')
+    self.shared_experts = nnx.data(None)
+    if num_shared_experts:
+      self.shared_experts = Experts(num_shared_experts, d_model,
+                                    shared_expert_hidden or expert_hidden, activation=activation,
+                                    glu=glu, dtype=dtype, rngs=rngs)
 
   @property
   def is_causal(self) -> bool:
@@ -90,4 +101,14 @@ class MoeLayer(nnx.Module):
     y = get_engine(self.engine_name).apply(xg, r, self.experts)
     if perm is not None:
       y = _permute(y, jnp.argsort(perm))
-    return y.reshape(x.shape).astype(x.dtype), dict(losses=r.aux_losses, metrics=r.metrics)
+    y = y.reshape(x.shape)
+    if self.shared_experts is not None:
+      y = y + self._shared(x)
+    return y.astype(x.dtype), dict(losses=r.aux_losses, metrics=r.metrics)
+
+  def _shared(self, x: Array) -> Array:
+    """Σ over shared experts of FFN_s(x): x [B, S, d] -> [B, S, d]."""
+    n = self.shared_experts.num_experts
+    tokens = x.reshape(1, -1, x.shape[-1])
+    out = self.shared_experts(jnp.broadcast_to(tokens, (n,) + tokens.shape[1:]))
+    return jnp.sum(out, axis=0).reshape(x.shape)

@@ -9,6 +9,10 @@ from moe_jax.layers.routers import ExpertsChoiceRouter, SoftMoeRouter, TokensCho
 from moe_jax.layers.routers_base import BaseRouter
 from moe_jax.layers.routers_hash import HashRouter
 from moe_jax.layers.routers_sinkhorn import SinkhornBaseRouter
+from moe_jax.layers.routers_deepseek import DeepSeekRouter
+from moe_jax.layers.routers_gshard import GShardTop2Router
+from moe_jax.layers.routers_noisy_top_k import NoisyTopKRouter
+from moe_jax.layers.routers_switch import StraightThroughRouter, SwitchRouter
 
 ROUTERS = {
     'tokens_choice': TokensChoiceRouter,
@@ -17,6 +21,11 @@ ROUTERS = {
     'hash': HashRouter,
     'base': BaseRouter,
     'sinkhorn_base': SinkhornBaseRouter,
+    'noisy_top_k': NoisyTopKRouter,
+    'gshard_top2': GShardTop2Router,
+    'switch': SwitchRouter,
+    'straight_through': StraightThroughRouter,
+    'deepseek': DeepSeekRouter,
 }
 
 
