@@ -47,6 +47,28 @@ def collective_bytes(hlo_text: str) -> dict[str, list[int]]:
   return out
 
 
+_TENSOR = re.compile(r'tensor<([0-9x]*)x?([a-z]+[0-9a-z]*)>')
+_MLIR_BYTES = {'i1': 1, 'i8': 1, 'ui8': 1, 'i16': 2, 'f16': 2, 'bf16': 2, 'i32': 4, 'ui32': 4,
+               'f32': 4, 'i64': 8, 'f64': 8}
+
+
+def lowered_all_to_all_bytes(stablehlo_text: str) -> list[int]:
+  """Per-device result bytes of each `stablehlo.all_to_all` of a lowered program.
+
+  The dtype the program asks for, before the backend's own rewrites: XLA:CPU, for
+  one, upcasts bfloat16 collectives to float32 in the compiled program.
+  """
+  out = []
+  for line in stablehlo_text.splitlines():
+    if 'stablehlo.all_to_all' in line and '->' in line:
+      results = line.rsplit('->', 1)[1]
+      total = 0
+      for dims, dtype in _TENSOR.findall(results):
+        total += _MLIR_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split('x') if d)
+      out.append(total)
+  return out
+
+
 def all_to_all_bytes(*, groups: int, num_experts: int, capacity: int, d_model: int,
                      dtype_bytes: int = 4) -> int:
   """Per-device bytes of one all_to_all of the MoE layer: the buffer `[E, G, C, d]`.
