@@ -30,6 +30,10 @@ from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding as sharding_lib
 
 
+# Engines whose buffer is [E, G, C, d] with a fixed C: all_to_all moves it as is.
+CAPACITY_ENGINES = ('einsum', 'gather')
+
+
 def active_mesh():
   """The abstract mesh the MoE layer runs expert-parallel on, or None (single device).
 
@@ -46,6 +50,10 @@ def active_mesh():
 
 def check_layer_fits(layer, x_shape, mesh) -> None:
   """Clear errors when the batch or the experts do not divide over the mesh."""
+  if layer.engine_name not in CAPACITY_ENGINES:
+    raise NotImplementedError(
+        f'engine {layer.engine_name!r} has no expert-parallel form yet; under a mesh use one of '
+        f'{CAPACITY_ENGINES} (the dropless exchange is parallel.ragged_dispatch/ragged_return).')
   n_batch = mesh_lib.num_batch_shards(mesh)
   if x_shape[0] % n_batch:
     raise ValueError(

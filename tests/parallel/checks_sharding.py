@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import layers, parallel
+from moe_jax import layers, parallel, routing
 from moe_jax.parallel import comm, ragged
 from tests.parallel._harness import run_checks
 
@@ -208,6 +208,37 @@ def check_noise_differs_across_devices():
   # Same example on every device: without per-device keys all outputs would be equal.
   assert len({y[i].tobytes() for i in range(8)}) == 8
   assert int(count) == 1, count          # the stream advanced once, like on one device
+
+
+class TokenIdRouter(layers.Router):
+  """Hash-style router: expert = token_id mod E (needs token_ids), weight from a gate."""
+  needs_token_ids = True
+
+  def __init__(self, d_model, num_experts, *, rngs):
+    self.num_experts = num_experts
+    self.gate = layers.LinearGate(d_model, num_experts, rngs=rngs)
+
+  def __call__(self, x, *, token_ids=None):
+    probs = jax.nn.softmax(self.gate(x))
+    index = (token_ids % self.num_experts)[..., None]
+    weight = jnp.take_along_axis(probs, index, axis=-1)
+    return routing.finish_token_routing(probs, index, weight, capacity=2)
+
+
+def check_token_ids_reach_the_router():
+  layers.ROUTERS.update(token_id_test=TokenIdRouter)
+  layer = _layer(router='token_id_test', router_kwargs={})
+  x = jax.random.normal(jax.random.key(5), (8, 6, D))
+  ids = jax.random.randint(jax.random.key(6), (8, 6), 0, 100)
+  fn = jax.jit(jax.value_and_grad(lambda m, x, i: jnp.sum(m(x, token_ids=i)[0] ** 2)))
+  loss0, g0 = fn(layer, x, ids)
+  mesh = parallel.make_mesh(dict(data=2, expert=4))
+  with jax.set_mesh(mesh):
+    parallel.shard_module(layer, mesh)
+    loss1, g1 = fn(layer, *parallel.shard_batch((np.asarray(x), np.asarray(ids)), mesh))
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5), g1, g0)
 
 
 def _ragged_case(n=4, t=6, d=3, h=5, num_experts=8, seed=0):
