@@ -48,13 +48,16 @@ def active_mesh():
   return mesh
 
 
-def check_layer_fits(layer, x_shape, mesh) -> None:
-  """Clear errors when the batch or the experts do not divide over the mesh."""
+def check_layer_fits(layer, x_shape, mesh, *, local: bool = False) -> None:
+  """Clear errors when the batch or the experts do not divide over the mesh.
+
+  `local`: x is already one device's block (inside a shard_map).
+  """
   if layer.engine_name not in CAPACITY_ENGINES:
     raise NotImplementedError(
         f'engine {layer.engine_name!r} has no expert-parallel form yet; under a mesh use one of '
         f'{CAPACITY_ENGINES} (the dropless exchange is parallel.ragged_dispatch/ragged_return).')
-  n_batch = mesh_lib.num_batch_shards(mesh)
+  n_batch = 1 if local else mesh_lib.num_batch_shards(mesh)
   if x_shape[0] % n_batch:
     raise ValueError(
         f'MoeLayer under a mesh: batch of {x_shape[0]} examples does not split over the '
@@ -108,15 +111,14 @@ def moe_layer_apply(layer, x, token_ids, mesh):
   Called by `MoeLayer.__call__` when `active_mesh()` is not None; also works when the
   caller is already inside a shard_map over these axes (no second shard_map).
   """
-  check_layer_fits(layer, x.shape, mesh)
   axes = tuple(a for a in mesh_lib.MESH_AXES if a in mesh.axis_names)
+  inside = set(axes) <= set(mesh.manual_axes)   # already inside a shard_map over these axes
+  check_layer_fits(layer, x.shape, mesh, local=inside)
   batch = mesh_lib.batch_axes(mesh)
   n_exp = mesh_lib.axis_size(mesh, mesh_lib.EXPERT)
   has_model = mesh_lib.axis_size(mesh, mesh_lib.MODEL) > 1
   graphdef, params, state = nnx.split(layer.router, nnx.Param, ...)
-  expert_params = layer.experts.params_dict()
-  expert_specs = {n: sharding_lib.fit_spec(getattr(layer.experts, n).get_metadata().get(
-      'out_sharding'), v.shape, mesh, what=f'experts.{n}') for n, v in expert_params.items()}
+  expert_params = layer.experts.params_dict()     # local shards when `inside`
 
   def local_experts(eparams, buf):
     """buf [E/n_e, N, d] -> [E/n_e, N, d] with this device's experts (and h shard)."""
@@ -141,13 +143,15 @@ def moe_layer_apply(layer, x, token_ids, mesh):
     _check_replicated(new_state, batch)
     return y, collectives.global_routing_stats(r), new_state
 
-  x_spec = mesh_lib.batch_spec(mesh, x.ndim)
-  ids_spec = None if token_ids is None else mesh_lib.batch_spec(mesh, token_ids.ndim)
-  in_specs = (x_spec, ids_spec, P(), P(), expert_specs)
   args = (x, token_ids, params, state, expert_params)
-  if set(axes) <= set(mesh.manual_axes):   # already inside a shard_map over these axes
+  if inside:
     y, aux, new_state = body(*args)
   else:
+    x_spec = mesh_lib.batch_spec(mesh, x.ndim)
+    ids_spec = None if token_ids is None else mesh_lib.batch_spec(mesh, token_ids.ndim)
+    expert_specs = {n: sharding_lib.fit_spec(getattr(layer.experts, n).get_metadata().get(
+        'out_sharding'), v.shape, mesh, what=f'experts.{n}') for n, v in expert_params.items()}
+    in_specs = (x_spec, ids_spec, P(), P(), expert_specs)
     if mesh.are_all_axes_explicit:   # Explicit meshes: shard_map inputs must match in_specs
       args = tuple(a if s is None else jax.tree.map(lambda v, s=s: jax.sharding.reshard(v, s), a)
                    for a, s in zip(args, in_specs[:4])) + (

@@ -123,6 +123,29 @@ def check_restore_onto_different_mesh():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, saved)
 
 
+def check_layer_inside_a_user_shard_map():
+  # A fully manual step (shard_map over the whole loss): the layer runs its body directly.
+  layer = _layer()
+  x = jax.random.normal(jax.random.key(7), (8, 6, D))
+
+  def loss(model, x):
+    y, aux = model(x)
+    return parallel.global_mean(jnp.mean(y ** 2)) + sum(aux['losses'].values())
+  ref = jax.jit(jax.value_and_grad(loss))(layer, x)
+  mesh = parallel.make_mesh(dict(data=2, expert=4))
+  with jax.set_mesh(mesh):
+    parallel.shard_module(layer, mesh)
+    graphdef, state = nnx.split(layer)
+    specs = parallel.partition_specs(state, mesh)
+    step = jax.jit(jax.shard_map(
+        lambda st, x: jax.value_and_grad(lambda s: loss(nnx.merge(graphdef, s), x))(st),
+        in_specs=(specs, P(('data', 'expert'))), out_specs=(P(), specs)))
+    got = step(state, parallel.shard_batch(np.asarray(x), mesh))
+  np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5), got[1], nnx.state(ref[1]))
+
+
 def check_clear_errors():
   mesh = parallel.make_mesh(dict(data=2, expert=4))
   with jax.set_mesh(mesh):

@@ -23,7 +23,8 @@ def test_sharded_layer_equals_single_device(equivalence, name):
 
 
 SHARDING = ['compiled_all_to_all_no_weight_all_gather', 'each_device_holds_its_experts',
-            'shard_module_and_specs', 'restore_onto_different_mesh', 'clear_errors',
+            'shard_module_and_specs', 'restore_onto_different_mesh',
+            'layer_inside_a_user_shard_map', 'clear_errors',
             'global_mean_and_sum', 'router_state_identical_on_all_devices',
             'noise_differs_across_devices', 'token_ids_reach_the_router', 'ragged_exchange']
 
