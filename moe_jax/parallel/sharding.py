@@ -74,12 +74,16 @@ def place(value: jax.Array, spec, *, what: str = 'parameter') -> jax.Array:
   return jax.lax.with_sharding_constraint(value, pspec)
 
 
-def sharded_param(value: jax.Array, spec: tuple, *, what: str = 'parameter') -> nnx.Param:
+def sharded_param(value: jax.Array, spec: tuple | None, *, what: str = 'parameter') -> nnx.Param:
   """An `nnx.Param` with `out_sharding=spec` metadata, placed on the active mesh if any.
+
+  `spec=None`: a plain replicated parameter.
 
   Flax's own eager sharding would fail without a mesh or on a mesh that lacks one of
   the axes; `place` handles both, so it is switched off.
   """
+  if spec is None:
+    return nnx.Param(value)
   return nnx.Param(place(value, spec, what=what), out_sharding=spec, eager_sharding=False)
 
 

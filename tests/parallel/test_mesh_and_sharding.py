@@ -119,3 +119,11 @@ def test_initialize_distributed_is_a_no_op_on_one_host():
        'print(parallel.initialize_distributed(), jax.process_count())'],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
   assert out.stdout.split()[-2:] == ['False', '1'], out.stderr[-2000:]
+
+
+def test_unsharded_experts_have_no_annotation():
+  experts = layers.Experts(4, 8, 16, shard_experts=False, rngs=nnx.Rngs(0))
+  assert 'out_sharding' not in experts.w_in.get_metadata()
+  specs = parallel.partition_specs(experts, MESH)
+  assert all(v.get_value() == P() for v in jax.tree.leaves(
+      specs, is_leaf=lambda v: isinstance(v, nnx.Variable)))
