@@ -10,6 +10,11 @@
 Routing groups: by default one group per example (G = B, the group is a sequence or an
 image). `group_size=n` instead regroups the B·S tokens into groups of n (V-MoE routes
 groups of several images).
+
+Under `jax.set_mesh(mesh)` with a (`data`, `expert`, `model`) mesh of several devices the
+layer runs expert-parallel (`moe_jax.parallel.expert_parallel`): each device routes its
+own examples, all_to_all sends expert slots to the devices holding the experts. Same
+numbers as on one device.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from flax import nnx
 from moe_jax.layers.engines import get_engine
 from moe_jax.layers.experts import Experts
 from moe_jax.layers.registry import get_router_class
+from moe_jax.parallel import expert_parallel
 
 Array = jax.Array
 
@@ -70,7 +76,7 @@ class MoeLayer(nnx.Module):
     if num_shared_experts:
       self.shared_experts = Experts(num_shared_experts, d_model,
                                     shared_expert_hidden or expert_hidden, activation=activation,
-                                    glu=glu, dtype=dtype, rngs=rngs)
+                                    glu=glu, dtype=dtype, shard_experts=False, rngs=rngs)
 
   @property
   def is_causal(self) -> bool:
@@ -92,19 +98,33 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'MoeLayer expects x of shape [B, S, {self.d_model}], got {x.shape}.')
     if self.router.needs_token_ids and token_ids is None:
       raise ValueError(f'router {self.router_name!r} needs token_ids: call layer(x, token_ids=ids).')
+    mesh = expert_parallel.active_mesh()
+    if mesh is not None:
+      y, aux = expert_parallel.moe_layer_apply(self, x, token_ids, mesh)
+    else:
+      y, r = self.route_and_apply(x, token_ids, self.router, self.experts)
+      aux = dict(losses=r.aux_losses, metrics=r.metrics)
+    if self.shared_experts is not None:
+      # Shared experts see every token and are replicated, so they stay outside shard_map.
+      y = y + self._shared(x).astype(y.dtype)
+    return y, aux
+
+  def route_and_apply(self, x: Array, token_ids: Array | None, router, expert_fn):
+    """Routes and runs experts: x [B, S, d] -> (y [B, S, d], Routing).
+
+    Shared by the single-device path and, on each device's examples, the expert-parallel
+    one (which passes its router copy and an `expert_fn` that does the all_to_alls).
+    """
     xg = self._group(x)
     ids = None if token_ids is None else self._group(token_ids)
-    perm = self.router.token_permutation(*xg.shape[:2])
+    perm = router.token_permutation(*xg.shape[:2])
     if perm is not None:
       xg, ids = _permute(xg, perm), (None if ids is None else _permute(ids, perm))
-    r = self.router(xg, token_ids=ids)
-    y = get_engine(self.engine_name).apply(xg, r, self.experts)
+    r = router(xg, token_ids=ids)
+    y = get_engine(self.engine_name).apply(xg, r, expert_fn)
     if perm is not None:
       y = _permute(y, jnp.argsort(perm))
-    y = y.reshape(x.shape)
-    if self.shared_experts is not None:
-      y = y + self._shared(x)
-    return y.astype(x.dtype), dict(losses=r.aux_losses, metrics=r.metrics)
+    return y.reshape(x.shape).astype(x.dtype), r
 
   def _shared(self, x: Array) -> Array:
     """Σ over shared experts of FFN_s(x): x [B, S, d] -> [B, S, d]."""

@@ -18,6 +18,7 @@ from flax import nnx
 
 from moe_jax.layers.router_kwargs import check_routing_kwargs
 from moe_jax.layers.routers import LinearGate, Router
+from moe_jax.parallel.collectives import global_sum
 from moe_jax.routing import Routing
 from moe_jax.routing.deepseek import (BALANCE_COUNTS, SCORE_FUNCS, deepseek_routing,
                                      group_limited_top_k, update_expert_bias)
@@ -103,7 +104,8 @@ class DeepSeekRouter(Router):
     cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
     r = deepseek_routing(self.gate(x), bias, k=self.k, capacity_factor=cf, **self.routing_kwargs)
     if not self.deterministic and self.bias_update_rate:
-      counts = jnp.sum(jax.nn.one_hot(r.token_expert, self.num_experts, dtype=jnp.float32),
-                       axis=(0, 1, 2))
+      # Global counts, so every device of an expert-parallel layer applies the same update.
+      counts = global_sum(jnp.sum(jax.nn.one_hot(r.token_expert, self.num_experts,
+                                                 dtype=jnp.float32), axis=(0, 1, 2)))
       self.expert_bias[...] = update_expert_bias(bias, counts, self.bias_update_rate)
     return r
