@@ -6,11 +6,19 @@ from strings. A new router adds one import and one line here.
 from __future__ import annotations
 
 from moe_jax.layers.routers import ExpertsChoiceRouter, SoftMoeRouter, TokensChoiceRouter
+from moe_jax.layers.routers_dselect_k import DSelectKRouter
+from moe_jax.layers.routers_experts_choice_capped import ExpertsChoiceCappedRouter
+from moe_jax.layers.routers_reinforce import ReinforceRouter
+from moe_jax.layers.routers_soft_causal import SoftMoeCausalRouter
 
 ROUTERS = {
     'tokens_choice': TokensChoiceRouter,
     'experts_choice': ExpertsChoiceRouter,
     'soft_moe': SoftMoeRouter,
+    'dselect_k': DSelectKRouter,
+    'experts_choice_capped': ExpertsChoiceCappedRouter,
+    'reinforce': ReinforceRouter,
+    'soft_moe_causal': SoftMoeCausalRouter,
 }
 
 
