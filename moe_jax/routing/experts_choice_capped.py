@@ -12,13 +12,13 @@ with S = softmax(logits) over experts (the EC scores), then lets every expert ta
 C tokens with the largest A[e, :]; combine weights are the scores S, as in plain EC.
 
 Solver: the problem equals the KL projection of K = exp(S / λ) onto the intersection of
-the three constraint sets, which Dykstra's algorithm with Bregman (KL) projections
-solves by cycling through closed-form projections (Benamou et al. 2015, "Iterative
-Bregman projections for regularized transportation problems"; the EC paper also uses
-Dykstra). The row equalities are affine and need no Dykstra correction; the column
-caps and the box carry one correction each. Everything runs in the log domain (no
-overflow of exp(S/λ) for small λ), for a fixed number of iterations under jit, on
-stop-gradient scores: the router learns through the combine weights only, as in EC.
+the constraint sets, which Dykstra's algorithm with Bregman (KL) projections solves by
+cycling through closed-form projections (Benamou et al. 2015, "Iterative Bregman
+projections for regularized transportation problems"; the EC paper also uses Dykstra).
+We project alternately on {rows = C, A <= 1} and {columns <= b, A <= 1} (a sort each),
+anneal λ from `start_temperature` (ε-scaling), and work in the log domain (no overflow of
+exp(S/λ)), for a fixed number of sweeps under jit, on stop-gradient scores: the router
+learns through the combine weights only, as in EC.
 
 What is guaranteed after rounding (the top-C per expert):
   * every expert gets exactly C distinct tokens (as in EC);
@@ -44,56 +44,98 @@ from moe_jax.routing.types import Routing
 Array = jax.Array
 
 
+def _capped_simplex_log(log_y: Array, total, axis: int) -> Array:
+  """KL projection of y onto {x : Σ x = total, 0 <= x <= 1} along `axis`, in log space.
+
+  The solution is x = min(c·y, 1) with c set so the sum is `total` ("water filling"):
+  with the j largest entries clipped to 1, c_j = (total - j) / Σ_{i>=j} y_(i); take the
+  smallest j whose first unclipped entry satisfies c_j·y_(j) <= 1.
+  """
+  ly = jnp.moveaxis(log_y, axis, -1)
+  n = ly.shape[-1]
+  ordered = -jnp.sort(-ly, axis=-1)
+  tail = jax.lax.cumlogsumexp(ordered, axis=ly.ndim - 1, reverse=True)     # log Σ_{i>=j} y_(i)
+  clipped = jnp.arange(n, dtype=jnp.float32)
+  log_c = jnp.log(jnp.maximum(total - clipped, 1e-30)) - tail
+  ok = (log_c + ordered <= 0.0) & (clipped < total)
+  log_c = jnp.take_along_axis(log_c, jnp.argmax(ok, axis=-1)[..., None], axis=-1)
+  return jnp.moveaxis(jnp.minimum(ly + log_c, 0.0), -1, axis)
+
+
 def capped_plan(scores: Array, *, capacity: int, max_experts_per_token: float,
-                temperature: float = 0.01, num_iters: int = 50) -> Array:
+                temperature: float = 0.003, start_temperature: float = 0.3,
+                num_iters: int = 100) -> Array:
   """Approximate solution A of the entropy-regularised EC-CAP program (see module doc).
 
+  Two constraint sets, each with a closed-form KL projection: the rows
+  {Σ_t A[e, t] = C, 0 <= A <= 1} and the columns {Σ_e A[e, t] <= b, 0 <= A <= 1}
+  (keeping the box in both converges much faster than a third, separate box set).
+  Dykstra keeps one correction per set. The temperature falls geometrically from
+  `start_temperature` to `temperature` over the first half of the sweeps, with the
+  state kept in score units (ε-scaling, as for Sinkhorn), then stays at `temperature`.
+
   Args:
-    scores: [G, S, E] token-expert scores (EC: softmax over experts).
+    scores: [G, S, E] token-expert scores (EC: softmax over experts, so in [0, 1]).
     capacity: C, tokens per expert (row sum of A).
     max_experts_per_token: b, cap on each token's column sum.
-    temperature: λ > 0, the entropy weight; smaller is closer to the LP, slower.
-    num_iters: Dykstra sweeps (each applies the three projections once).
+    temperature: λ > 0, the entropy weight of the program solved.
+    start_temperature: first λ of the annealing (<= λ: no annealing).
+    num_iters: Dykstra sweeps (each projects on both sets once).
 
   Returns:
-    A: [G, E, S] float32, 0 <= A <= 1, row sums C, column sums <= b (to tolerance).
+    A: [G, E, S] float32, 0 <= A <= 1, row sums C (to tolerance), column sums <= b.
   """
   if temperature <= 0:
     raise ValueError(f'temperature must be > 0, got {temperature}.')
+  if num_iters < 1:
+    raise ValueError(f'num_iters must be >= 1, got {num_iters}.')
   _, s, e = scores.shape
   if capacity > s:
     raise ValueError(f'capacity {capacity} exceeds the {s} tokens of a group.')
-  if e * capacity > s * max_experts_per_token + 1e-9:
+  if e * capacity > s * min(max_experts_per_token, e) + 1e-9:
     raise ValueError(
         f'EC-CAP is infeasible: {e} experts x capacity {capacity} = {e * capacity} slots but '
         f'{s} tokens x max_experts_per_token {max_experts_per_token} = '
         f'{s * max_experts_per_token}; lower capacity_factor or raise max_experts_per_token.')
-  log_c = jnp.log(jnp.float32(capacity))
-  log_b = jnp.log(jnp.float32(max_experts_per_token))
-  log_a = jnp.swapaxes(scores.astype(jnp.float32), 1, 2) / temperature     # [G, E, S]
+  n_anneal = num_iters // 2 if start_temperature > temperature else 0
+  temps = jnp.concatenate([jnp.geomspace(start_temperature, temperature, n_anneal),
+                           jnp.full(num_iters - n_anneal, temperature)]).astype(jnp.float32)
+  return _dykstra(scores.astype(jnp.float32), jnp.float32(capacity),
+                  jnp.float32(max_experts_per_token), temps)
 
-  def sweep(_, carry):
-    log_a, corr_cap, corr_box = carry
-    # Rows: scale each expert's mass to C (affine: no correction).
-    log_a = log_a - (jax.nn.logsumexp(log_a, axis=2, keepdims=True) - log_c)
-    # Columns: scale down tokens whose mass exceeds b.
-    y = log_a + corr_cap
-    log_a = y - jnp.maximum(jax.nn.logsumexp(y, axis=1, keepdims=True) - log_b, 0.0)
-    corr_cap = y - log_a
-    # Box: clip at 1.
-    y = log_a + corr_box
-    log_a = jnp.minimum(y, 0.0)
-    corr_box = y - log_a
-    return log_a, corr_cap, corr_box
 
-  zeros = jnp.zeros_like(log_a)
-  log_a, _, _ = jax.lax.fori_loop(0, num_iters, sweep, (log_a, zeros, zeros))
-  return jnp.exp(log_a)
+@jax.jit
+def _dykstra(scores: Array, capacity: Array, cap: Array, temps: Array) -> Array:
+  """The sweeps of `capped_plan`; numbers are traced so one compilation serves all settings.
+
+  scores: [G, S, E]; capacity, cap: scalars; temps: [num_iters] λ of each sweep.
+  """
+
+  def sweep(i, carry):
+    # u = λ·log A and the corrections are in score units, so they survive a change of λ.
+    u, corr_rows, corr_cols = carry
+    lam = temps[i]
+    y = (u + corr_rows) / lam
+    log_a = _capped_simplex_log(y, capacity, axis=2)
+    corr_rows = u + corr_rows - lam * log_a
+    u_mid = lam * log_a
+    y = (u_mid + corr_cols) / lam
+    boxed = jnp.minimum(y, 0.0)
+    over = jax.nn.logsumexp(boxed, axis=1, keepdims=True) > jnp.log(cap)
+    log_a = jnp.where(over, _capped_simplex_log(y, cap, axis=1), boxed)
+    corr_cols = u_mid + corr_cols - lam * log_a
+    return lam * log_a, corr_rows, corr_cols
+
+  u = jnp.swapaxes(scores, 1, 2)                                          # [G, E, S]
+  zeros = jnp.zeros_like(u)
+  u, _, _ = jax.lax.fori_loop(0, temps.shape[0], sweep, (u, zeros, zeros))
+  return jnp.exp(u / temps[-1])
 
 
 def experts_choice_capped(logits: Array, *, capacity_factor: float | None = 2.0,
                           capacity: int | None = None, max_experts_per_token: int = 2,
-                          temperature: float = 0.01, num_iters: int = 50,
+                          temperature: float = 0.003, start_temperature: float = 0.3,
+                          num_iters: int = 100,
                           enforce_cap: bool = False, z_loss_weight: float = 0.0,
                           capacity_rounding: str = 'ceil', capacity_multiple_of: int = 1,
                           min_capacity: int = 1) -> Routing:
@@ -105,6 +147,7 @@ def experts_choice_capped(logits: Array, *, capacity_factor: float | None = 2.0,
     capacity: explicit C (overrides `capacity_factor`).
     max_experts_per_token: b (EC-CAP2: 2, EC-CAP3: 3); E · C <= S · b is required.
     temperature: λ of the entropy term; scores are probabilities in [0, 1].
+    start_temperature: first λ of the annealing.
     num_iters: Dykstra sweeps.
     enforce_cap: drop the assignments that rounding added beyond b per token.
     z_loss_weight: optional router z-loss coefficient (0 in the paper).
@@ -122,7 +165,7 @@ def experts_choice_capped(logits: Array, *, capacity_factor: float | None = 2.0,
   probs = jax.nn.softmax(logits, axis=-1)
   plan = capped_plan(jax.lax.stop_gradient(probs), capacity=capacity,
                      max_experts_per_token=max_experts_per_token, temperature=temperature,
-                     num_iters=num_iters)                                  # [G, E, S]
+                     start_temperature=start_temperature, num_iters=num_iters)   # [G, E, S]
   _, slot_token = jax.lax.top_k(plan, capacity)                            # [G, E, C]
   slot_token = slot_token.astype(jnp.int32)
   picked = jnp.zeros((g, num_experts, s), bool).at[
