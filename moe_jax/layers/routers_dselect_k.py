@@ -62,10 +62,11 @@ class DSelectKRouter(Router):
     self.eval_sparse, self.eval_capacity_factor = eval_sparse, eval_capacity_factor
     z_init, w_init = symmetric_uniform(gamma / 100), symmetric_uniform(0.05)
     if gate == 'per_token':
-      self.z_kernel = nnx.Param(z_init(rngs.params(), (d_model, k * m)))
-      self.z_bias = nnx.Param(z_init(rngs.params(), (k * m,)))
-      self.w_kernel = nnx.Param(w_init(rngs.params(), (d_model, k)))
-      self.w_bias = nnx.Param(w_init(rngs.params(), (k,)))
+      # Kernel and bias share one draw per map (same distribution, one compiled sampler).
+      z = z_init(rngs.params(), (d_model + 1, k * m))
+      w = w_init(rngs.params(), (d_model + 1, k))
+      self.z_kernel, self.z_bias = nnx.Param(z[:-1]), nnx.Param(z[-1])
+      self.w_kernel, self.w_bias = nnx.Param(w[:-1]), nnx.Param(w[-1])
     else:
       self.z_logits = nnx.Param(z_init(rngs.params(), (k, m)))
       self.w_logits = nnx.Param(w_init(rngs.params(), (k,)))

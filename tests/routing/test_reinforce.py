@@ -118,7 +118,7 @@ def test_router_learns_the_best_arm_of_a_bandit():
   arm, and the module's baseline must track the mean reward."""
   arm_reward = jnp.array([0.2, 0.5, 1.0, 0.1])
   # Tokens share a common direction, so one linear gate (no bias) can prefer an arm for all.
-  x = 1.0 + 0.3 * jax.random.normal(jax.random.key(1), (2, 16, 8))
+  x = jnp.array(1.0 + 0.3 * np.random.default_rng(1).normal(size=(2, 16, 8)), jnp.float32)
   router = ReinforceRouter(8, 4, k=1, capacity_factor=4.0, load_balance_weight=0.0,
                            baseline_decay=0.9, rngs=nnx.Rngs(0))
   graphdef, params, others = nnx.split(router, nnx.Param, ...)
