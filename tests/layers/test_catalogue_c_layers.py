@@ -8,12 +8,13 @@ from flax import nnx
 
 from moe_jax.layers import ROUTERS, MoeLayer
 from moe_jax.layers.engines import EinsumEngine, GatherEngine
+from moe_jax.layers.routers_dselect_k import DSelectKRouter
+from tests.layers._rbg import rngs
 
 D, E, H = 8, 4, 16     # shared with the other layer tests (one initialisation per shape)
 
 CASES = [
     ('dselect_k', dict()),
-    ('dselect_k', dict(gate='static', k=1, eval_capacity_factor=1.0)),
     ('experts_choice_capped', dict(max_experts_per_token=3, num_iters=20)),
     ('reinforce', dict(k=2, entropy_weight=1e-2)),
     ('soft_moe_causal', dict(slots_per_position=2)),
@@ -27,32 +28,40 @@ def test_registry_names():
   assert ROUTERS['dselect_k'].causal and not ROUTERS['experts_choice_capped'].causal
 
 
+def test_dselect_k_static_gate_shares_one_selection_and_eval_capacity():
+  router = DSelectKRouter(D, 6, k=2, gate='static', eval_capacity_factor=1.0, rngs=rngs(0))
+  assert router.z_logits.shape == (2, 3) and router.w_logits.shape == (2,)
+  assert np.abs(np.asarray(router.z_logits[...])).max() <= 0.01       # U(-γ/100, γ/100)
+  assert np.abs(np.asarray(router.w_logits[...])).max() <= 0.05
+  z, w = router.selector_logits(jnp.zeros((2, 5, D)))
+  assert z.shape == (2, 5, 2, 3) and np.all(z == router.z_logits[...])
+  assert np.all(w == router.w_logits[...])
+
+
 @pytest.mark.parametrize('name,kwargs', CASES)
 def test_router_in_moe_layer(name, kwargs):
-  train = MoeLayer(D, E, H, router=name, router_kwargs=kwargs, engine='gather', rngs=nnx.Rngs(0))
+  train = MoeLayer(D, E, H, router=name, router_kwargs=kwargs, engine='gather', rngs=rngs(0))
   evaluating = nnx.clone(train)
   evaluating.eval()
   x = jnp.array(np.random.default_rng(0).normal(size=(2, 8, D)), jnp.float32)
 
   @nnx.jit
   def run(train, evaluating, x):
-    outputs = []
-    for layer in (train, evaluating):
-      r = layer.router(x)      # one routing, both engines
-      outputs.append([eng.apply(x, r, layer.experts) for eng in (EinsumEngine(), GatherEngine())])
-
     def loss(layer):
-      y, aux = layer(x)
-      return jnp.mean(y ** 2) + sum(aux['losses'].values())
+      r = layer.router(x)      # one routing, both engines
+      y_einsum = EinsumEngine().apply(x, r, layer.experts)
+      y_gather = GatherEngine().apply(x, r, layer.experts)
+      return jnp.mean(y_gather ** 2) + sum(r.aux_losses.values()), (y_einsum, y_gather)
 
-    grads = nnx.grad(loss)(train)
-    return outputs, grads.router, evaluating(x)
+    grads, train_outputs = nnx.grad(loss, has_aux=True)(train)
+    r = evaluating.router(x)
+    y_eval, aux = evaluating(x)                    # MoeLayer path, gather engine
+    return train_outputs, (EinsumEngine().apply(x, r, evaluating.experts), y_eval), grads.router, aux
 
-  outputs, router_grads, (y_eval, aux) = run(train, evaluating, x)
-  for y_einsum, y_gather in outputs:
+  train_outputs, eval_outputs, router_grads, aux = run(train, evaluating, x)
+  for y_einsum, y_gather in (train_outputs, eval_outputs):
     assert y_einsum.shape == x.shape and np.all(np.isfinite(y_einsum))
     np.testing.assert_allclose(y_einsum, y_gather, atol=1e-5)
-  np.testing.assert_allclose(y_eval, outputs[1][0], atol=1e-5)     # eval is deterministic
   leaves = jax.tree.leaves(router_grads)
   assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
   assert any(np.abs(g).max() > 0 for g in leaves)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from moe_jax.layers import MoeLayer
 from moe_jax.routing.soft_causal import causal_slot_layout, soft_moe_causal
+from tests.layers._rbg import rngs
 
 D, E, H = 8, 4, 16     # shared with the other layer tests (one initialisation per shape)
 
@@ -65,10 +66,10 @@ def test_weights_match_numpy_and_are_causal_by_construction():
 
 
 @pytest.mark.parametrize('length,router_kwargs', [
-    (5, dict()), (12, dict(num_slots=2, slots_per_position=2)), (16, dict(normalize=False))])
+    (5, dict()), (12, dict(num_slots=2, slots_per_position=2, normalize=False))])
 def test_layer_output_at_t_ignores_inputs_after_t(length, router_kwargs):
   layer = MoeLayer(D, E, H, router='soft_moe_causal', router_kwargs=router_kwargs,
-                   engine='einsum', rngs=nnx.Rngs(0))
+                   engine='einsum', rngs=rngs(0))
   layer.eval()
   rng = np.random.default_rng(length)
   base = rng.normal(size=(1, length, D))
@@ -87,7 +88,7 @@ def test_layer_output_at_t_ignores_inputs_after_t(length, router_kwargs):
 
 def test_plain_soft_moe_is_not_causal():
   """The same check must fail for Soft MoE: the test above can detect leaks."""
-  layer = MoeLayer(D, E, H, router='soft_moe', engine='einsum', rngs=nnx.Rngs(0))
+  layer = MoeLayer(D, E, H, router='soft_moe', engine='einsum', rngs=rngs(0))
   x = np.random.default_rng(1).normal(size=(2, 6, D))
   x[1, 3:] += 3.0
   y, _ = nnx.jit(lambda l, x: l(x))(layer, jnp.array(x, jnp.float32))

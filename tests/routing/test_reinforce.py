@@ -8,6 +8,8 @@ from flax import nnx
 
 from moe_jax.layers.routers_reinforce import ReinforceRouter, update_reinforce_baselines
 from moe_jax.routing import reinforce as rl
+from tests.layers._rbg import rngs
+
 
 def np_softmax(x):
   x = np.exp(x - x.max(-1, keepdims=True))
@@ -120,7 +122,7 @@ def test_router_learns_the_best_arm_of_a_bandit():
   # Tokens share a common direction, so one linear gate (no bias) can prefer an arm for all.
   x = jnp.array(1.0 + 0.3 * np.random.default_rng(1).normal(size=(2, 16, 8)), jnp.float32)
   router = ReinforceRouter(8, 4, k=1, capacity_factor=4.0, load_balance_weight=0.0,
-                           baseline_decay=0.9, rngs=nnx.Rngs(0))
+                           baseline_decay=0.9, rngs=rngs(0))
   graphdef, params, others = nnx.split(router, nnx.Param, ...)
 
   def step(carry, _):
