@@ -41,7 +41,10 @@ class DSelectKRouter(Router):
     reachability_weight: coefficient of Σ 1/Σ_e r when E is not a power of 2 (1.0).
     eval_sparse: route to the selected experts only at evaluation (default True).
     eval_capacity_factor: None (default) gives C = S at evaluation, so nothing is ever
-      dropped; a value gives C = ceil(k·S·cf/E) (fewer slots, drops possible).
+      dropped, but the einsum/gather engines still run E·S slots (the empty ones on
+      zeros); a value gives C = ceil(k·S·cf/E): k/E of the dense cost, drops possible.
+  Aux losses are reported in both modes (the official code adds them in training only;
+  trainers add aux losses in training only).
   Causal: yes (each token's weights depend on that token only, or on nothing).
   """
   causal = True

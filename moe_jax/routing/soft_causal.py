@@ -15,9 +15,9 @@ token t's output depends on later tokens. Here every slot is tied to a position:
 
 Hence y_t depends on x_1..x_t only (exactly: masked weights are exact zeros), and every
 token has at least the r instances opened at position 0. Cycling experts along time
-(expert n's instances sit at positions ≡ n mod E when r = 1) gives every expert slots
-spread evenly over all positions, which avoids the correlation between token and slot
-indices that the paper warns about.
+(expert n's instances sit at positions ≡ n mod E when r = 1) spreads every expert's
+slots evenly over the whole sequence instead of a block of positions; the paper warns
+that tying slots to token indices could bias which positions each expert is trained on.
 
 Cost per group, with r = 1, against Soft MoE with E·P slots:
   * expert evaluations: r·S (Soft MoE: E·P; equal at the paper's setting E·P ≈ S);
