@@ -152,9 +152,10 @@ class SoftMoeRouter(Router):
       # vmoe: round(cf·S/E), and an error (not a silent 1) when that is 0.
       num_slots = int(round(capacity_factor * num_tokens / num_experts))
       if num_slots < 1:
-        raise ValueError(f'soft_moe: capacity_factor={capacity_factor} with num_tokens={num_tokens} '
-                         f'and {num_experts} experts gives round(cf·S/E) = 0 slots per expert; '
-                         'raise capacity_factor or pass num_slots.')
+        raise ValueError(f'soft_moe: capacity_factor={capacity_factor} with '
+                         f'num_tokens={num_tokens} and {num_experts} experts gives '
+                         'round(cf·S/E) = 0 slots per expert; raise capacity_factor or pass '
+                         'num_slots.')
     if not num_slots or num_slots < 1:
       raise ValueError(f'soft_moe needs num_slots >= 1 or a capacity_factor, got {num_slots!r}.')
     self.num_experts, self.num_slots, self.normalize = num_experts, num_slots, normalize
