@@ -56,7 +56,8 @@ def test_router_in_moe_layer(name, kwargs):
     grads, train_outputs = nnx.grad(loss, has_aux=True)(train)
     r = evaluating.router(x)
     y_eval, aux = evaluating(x)                    # MoeLayer path, gather engine
-    return train_outputs, (EinsumEngine().apply(x, r, evaluating.experts), y_eval), grads.router, aux
+    eval_outputs = (EinsumEngine().apply(x, r, evaluating.experts), y_eval)
+    return train_outputs, eval_outputs, grads.router, aux
 
   train_outputs, eval_outputs, router_grads, aux = run(train, evaluating, x)
   for y_einsum, y_gather in (train_outputs, eval_outputs):

@@ -34,12 +34,12 @@ def np_soft_moe_causal(logits, r):
     for n in range(e):
       for k in range(c):
         if valid[n, k]:
-          col = logits[b, :pos[n, k] + 1, n, k % p]
-          dispatch[b, :pos[n, k] + 1, n, k] = np.exp(col - col.max()) / np.exp(col - col.max()).sum()
+          col = np.exp(logits[b, :pos[n, k] + 1, n, k % p])
+          dispatch[b, :pos[n, k] + 1, n, k] = col / col.sum()
     for t in range(s):
       seen = [(n, k) for n in range(e) for k in range(c) if valid[n, k] and pos[n, k] <= t]
-      row = np.array([logits[b, t, n, k % p] for n, k in seen])
-      w = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+      row = np.exp([logits[b, t, n, k % p] for n, k in seen])
+      w = row / row.sum()
       for (n, k), v in zip(seen, w):
         combine[b, t, n, k] = v
   return dispatch, combine

@@ -1,6 +1,5 @@
 """SoftMoeRouter options (slots, capacity factor, normalisation, noise) against numpy
 written from the Soft MoE paper (Algorithm 2) and vmoe's SoftRouter."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

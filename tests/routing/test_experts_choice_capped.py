@@ -119,21 +119,33 @@ def _experts_per_token(slot_token, num_tokens):
 def test_cap_after_rounding_plain_and_enforced():
   g, s, e, cap = 4, 16, 4, 2
   logits = jnp.array(np.random.default_rng(2).normal(size=(g, s, e)) * 2, jnp.float32)
-  plain_ec = jax.jit(lambda x: experts_choice(x, capacity_factor=2.0).slot_token)(logits)
+
+  @jax.jit
+  def routings(logits):
+    plain = experts_choice(logits, capacity_factor=2.0)
+    capped = experts_choice_capped(logits, capacity_factor=2.0, max_experts_per_token=cap)
+    # A rough plan (few sweeps) whose rounding breaks the cap, without and with enforce_cap.
+    rough = [experts_choice_capped(logits, capacity_factor=2.0, max_experts_per_token=cap,
+                                   num_iters=2, enforce_cap=enforce) for enforce in (False, True)]
+    return plain.slot_token, capped, rough
+
+  plain_ec, capped, (rough, enforced) = routings(logits)
   plain_ec = _experts_per_token(np.array(plain_ec), s)
-  capped = route(logits, capacity_factor=2.0, max_experts_per_token=cap)
-  enforced = route(logits, capacity_factor=2.0, max_experts_per_token=cap, enforce_cap=True)
   n_capped = _experts_per_token(np.array(capped.slot_token), s)
+  n_rough = _experts_per_token(np.array(rough.slot_token), s)
   n_enforced = _experts_per_token(np.array(enforced.slot_token), s)
-  # Every expert fills its C = 8 slots with distinct tokens unless the cap is enforced.
-  assert (np.array(capped.slot_token) < s).all()
-  assert all(len(set(row)) == 8 for row in np.array(capped.slot_token).reshape(-1, 8))
-  # What is guaranteed: enforce_cap never exceeds b, and only removes picks.
-  assert n_enforced.max() <= cap
-  assert np.all(n_enforced == np.minimum(n_capped, cap))
-  # The reported violation matches a recount; the LP cap makes violations rarer than EC.
-  assert float(capped.metrics['cap_violation_fraction']) == pytest.approx((n_capped > cap).mean())
+  # Without enforce_cap every expert fills its C = 8 slots with distinct tokens.
+  for r in (capped, rough):
+    assert (np.array(r.slot_token) < s).all()
+    assert all(len(set(row)) == 8 for row in np.array(r.slot_token).reshape(-1, 8))
+  # The reported violations match a recount; the LP cap makes them rarer than in EC.
+  for r, n in ((capped, n_capped), (rough, n_rough)):
+    assert float(r.metrics['cap_violation_fraction']) == pytest.approx((n > cap).mean())
   assert (n_capped > cap).mean() < (plain_ec > cap).mean()
+  assert (n_rough > cap).mean() > 0
+  # What enforce_cap guarantees: never more than b, and it only removes the excess picks.
+  assert n_enforced.max() <= cap
+  np.testing.assert_array_equal(n_enforced, np.minimum(n_rough, cap))
   assert float(enforced.metrics['dropped_fraction']) == pytest.approx(
       1 - n_enforced.sum() / (g * e * 8), abs=1e-6)
 
