@@ -13,6 +13,10 @@ from moe_jax.layers.routers_deepseek import DeepSeekRouter
 from moe_jax.layers.routers_gshard import GShardTop2Router
 from moe_jax.layers.routers_noisy_top_k import NoisyTopKRouter
 from moe_jax.layers.routers_switch import StraightThroughRouter, SwitchRouter
+from moe_jax.layers.routers_dselect_k import DSelectKRouter
+from moe_jax.layers.routers_experts_choice_capped import ExpertsChoiceCappedRouter
+from moe_jax.layers.routers_reinforce import ReinforceRouter
+from moe_jax.layers.routers_soft_causal import SoftMoeCausalRouter
 
 ROUTERS = {
     'tokens_choice': TokensChoiceRouter,
@@ -26,6 +30,10 @@ ROUTERS = {
     'switch': SwitchRouter,
     'straight_through': StraightThroughRouter,
     'deepseek': DeepSeekRouter,
+    'dselect_k': DSelectKRouter,
+    'experts_choice_capped': ExpertsChoiceCappedRouter,
+    'reinforce': ReinforceRouter,
+    'soft_moe_causal': SoftMoeCausalRouter,
 }
 
 

@@ -183,7 +183,13 @@ class SoftMoeRouter(Router):
       if num_tokens is None:
         raise ValueError('soft_moe with capacity_factor needs num_tokens (tokens per group) '
                          'to size Φ; or pass num_slots instead.')
-      num_slots = max(1, int(round(capacity_factor * num_tokens / num_experts)))
+      # vmoe: round(cf·S/E), and an error (not a silent 1) when that is 0.
+      num_slots = int(round(capacity_factor * num_tokens / num_experts))
+      if num_slots < 1:
+        raise ValueError(f'soft_moe: capacity_factor={capacity_factor} with '
+                         f'num_tokens={num_tokens} and {num_experts} experts gives '
+                         'round(cf·S/E) = 0 slots per expert; raise capacity_factor or pass '
+                         'num_slots.')
     if not num_slots or num_slots < 1:
       raise ValueError(f'soft_moe needs num_slots >= 1 or a capacity_factor, got {num_slots!r}.')
     self.num_experts, self.num_slots, self.normalize = num_experts, num_slots, normalize

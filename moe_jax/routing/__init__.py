@@ -15,3 +15,11 @@ __all__ = [
     'experts_choice', 'finish_token_routing', 'importance_loss', 'load_balancing_loss',
     'router_z_loss', 'soft_moe', 'sparse_metrics', 'tokens_choice',
 ]
+
+# Catalogue C. DSelect-k and EC-CAP are used through their modules
+# (`routing.dselect_k`, `routing.experts_choice_capped`) so that no function shadows them.
+from moe_jax.routing.reinforce import (reinforce_routing, reinforce_surrogate,  # noqa: E402
+                                       update_baseline)
+from moe_jax.routing.soft_causal import soft_moe_causal  # noqa: E402
+
+__all__ += ['reinforce_routing', 'reinforce_surrogate', 'soft_moe_causal', 'update_baseline']
