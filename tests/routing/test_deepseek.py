@@ -7,18 +7,7 @@ import pytest
 
 from moe_jax.routing.deepseek import (deepseek_routing, group_limited_top_k, sequence_balance_loss,
                                       update_expert_bias)
-
-_JITTED = {}
-
-
-def run(fn, *arrays, **options):
-  """fn(*arrays, **options) compiled once per options (eager JAX compiles op by op,
-  which is far slower on a loaded CPU)."""
-  key = (fn, tuple(sorted(options.items())))
-  if key not in _JITTED:
-    _JITTED[key] = jax.jit(lambda *a: fn(*a, **options))
-  return _JITTED[key](*arrays)
-
+from tests.routing.helpers import run
 
 def sigmoid(v):
   return 1.0 / (1.0 + np.exp(-v))
