@@ -171,3 +171,22 @@ def ensure_prepared(name: str, data_dir: str | None = None, *, idx_dir: str | No
   raise MissingDataError(f'TFDS dataset {name!r} is not prepared in {data_dir}{where}, and '
                          f'{"downloading is off" if not download else "the network is unreachable"}. '
                          + _remedies(base, data_dir))
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description='Make a TFDS dataset readable offline (see module doc).')
+  p.add_argument('--name', default='fashion_mnist')
+  p.add_argument('--data_dir', default=None, help='TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  p.add_argument('--idx_dir', default=None, help=f'IDX files of fashion_mnist (default {DEFAULT_IDX_DIR})')
+  p.add_argument('--no_download', action='store_true')
+  args = p.parse_args(argv)
+  try:
+    data_dir = ensure_prepared(args.name, args.data_dir, idx_dir=args.idx_dir, download=not args.no_download)
+  except MissingDataError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(f'{args.name} is ready in {data_dir}')
+
+
+if __name__ == '__main__':
+  main()
