@@ -43,6 +43,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
 
 
+PIXEL_RANGE = (-1.0, 1.0)     # uint8 pixels 0..255 are scaled linearly onto this range
+
+
 def _to_float(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) * (2.0 / 255.0) - 1.0
 

@@ -10,13 +10,14 @@ sin-cos position embeddings, and a global-average-pool ('gap') or class-token ('
 head. `moe` places MoE layers (any key of `layers.ROUTERS`) instead of the dense MLP in
 the blocks chosen by `placement.moe_block_indices` (every k-th, last n, or explicit).
 
-Every MoE layer gets `token_ids [B, S]` (hash routers need them); by default the token's
-position (class token 0, patches 1..N), computed by a function of `TOKEN_ID_FNS`.
+Every MoE layer gets `token_ids [B, S]` (hash routers need them), computed by a function
+of `token_ids.TOKEN_ID_FNS`: the token's position (default; class token 0, patches
+1..N) or a patch-content id (`token_ids.patch_content_ids`, a hash of the pixels).
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from flax import nnx
 
 from moe_jax.layers import MoeLayer, get_router_class
 from moe_jax.models.placement import moe_block_indices
+from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
 
 Array = jax.Array
 
@@ -50,21 +52,8 @@ MOE_KEYS = ('router', 'router_kwargs', 'num_experts', 'expert_hidden', 'engine',
             'every', 'last_n', 'layers', 'glu', 'activation')
 
 
-def extract_patches(images: Array, patch_size: int) -> Array:
-  """images: [B, H, W, C] -> [B, N, patch_size² · C] (row-major patches)."""
-  b, h, w, c = images.shape
-  p = patch_size
-  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def position_token_ids(images: Array, *, patch_size: int, num_tokens: int) -> Array:
-  """Token ids = positions 0..S-1 (class token first when there is one). -> [B, S] int32."""
-  return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (images.shape[0], num_tokens))
-
-
-# name -> fn(images [B, H, W, C], *, patch_size, num_tokens) -> [B, S] int32.
-TOKEN_ID_FNS: dict[str, Callable[..., Array]] = {'position': position_token_ids}
+# images: [B, H, W, C] -> [B, N, patch_size² · C], row-major patches (the patch embedding's input).
+extract_patches = image_patches
 
 
 def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.) -> np.ndarray:
@@ -134,7 +123,8 @@ def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: dict, *, dt
   router = moe.get('router', 'soft_moe')
   router_kwargs = dict(moe.get('router_kwargs') or {})
   # Routers sized by tokens per group (Soft MoE with a capacity factor) get it filled in.
-  if 'num_tokens' in inspect.signature(get_router_class(router).__init__).parameters:
+  if ('capacity_factor' in router_kwargs
+      and 'num_tokens' in inspect.signature(get_router_class(router).__init__).parameters):
     router_kwargs.setdefault('num_tokens', tokens_per_group)
   return MoeLayer(width, moe['num_experts'], moe.get('expert_hidden') or mlp_dim, router=router,
                   router_kwargs=router_kwargs, engine=moe.get('engine', 'gather'),
@@ -156,7 +146,10 @@ class ViT(nnx.Module):
       `router_kwargs`, `num_experts`, and optionally `expert_hidden` (default mlp_dim),
       `engine`, `group_size` (tokens per routing group; default one image), `glu`,
       `activation` and the placement `every` / `last_n` / `layers`.
-    token_ids: a key of `TOKEN_ID_FNS`, the ids handed to every MoE layer.
+    token_ids: a key of `token_ids.TOKEN_ID_FNS` ('position', 'patch_content'), the
+      function computing the ids handed to every MoE layer.
+    token_ids_kwargs: extra keyword arguments of that function (e.g. `value_range`
+      of the pixels, `levels`, `bits` for 'patch_content').
     dtype: compute dtype name ('float32', 'bfloat16'); params stay float32.
     rngs: `nnx.Rngs`.
   """
@@ -164,7 +157,8 @@ class ViT(nnx.Module):
   def __init__(self, *, num_classes: int, image_size: int | tuple[int, int], channels: int,
                patch_size: int, width: int, depth: int, mlp_dim: int, num_heads: int,
                pool: str = 'gap', posemb: str = 'learn', moe: dict | None = None,
-               token_ids: str = 'position', dtype: str = 'float32', rngs: nnx.Rngs):
+               token_ids: str = 'position', token_ids_kwargs: dict | None = None,
+               dtype: str = 'float32', rngs: nnx.Rngs):
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if h % patch_size or w % patch_size:
       raise ValueError(f'image size {(h, w)} is not divisible by patch_size {patch_size}.')
@@ -178,6 +172,11 @@ class ViT(nnx.Module):
       raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}.')
     cdt = DTYPES[dtype]
     self.patch_size, self.pool, self.token_ids_name = patch_size, pool, token_ids
+    self.token_ids_kwargs = dict(token_ids_kwargs or {})
+    bad = set(self.token_ids_kwargs) - set(inspect.signature(TOKEN_ID_FNS[token_ids]).parameters)
+    if bad:
+      raise ValueError(f'token_ids_kwargs {sorted(bad)} are not arguments of the {token_ids!r} '
+                       f'token-id function.')
     self.num_patches = (h // patch_size) * (w // patch_size)
     self.num_tokens = self.num_patches + (pool == 'token')
     self.embed = nnx.Linear(patch_size * patch_size * channels, width, dtype=cdt,
@@ -207,8 +206,8 @@ class ViT(nnx.Module):
 
   def default_token_ids(self, images: Array) -> Array:
     """images: [B, H, W, C] -> [B, S] int32 via `TOKEN_ID_FNS[token_ids]`."""
-    return TOKEN_ID_FNS[self.token_ids_name](images, patch_size=self.patch_size,
-                                            num_tokens=self.num_tokens)
+    fn = functools.partial(TOKEN_ID_FNS[self.token_ids_name], **self.token_ids_kwargs)
+    return fn(images, patch_size=self.patch_size, num_tokens=self.num_tokens)
 
   def __call__(self, images: Array, *, token_ids: Array | None = None) -> tuple[Array, dict]:
     """images: [B, H, W, C] -> (logits [B, classes] float32, aux {block name: aux})."""

@@ -10,6 +10,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from moe_jax.data.images import PIXEL_RANGE
 from moe_jax.models import ViT
 
 
@@ -28,12 +29,20 @@ def moe_kwargs(moe: ml_collections.ConfigDict) -> dict | None:
   return out
 
 
+def token_ids_kwargs(model: ml_collections.ConfigDict) -> dict:
+  """config.model -> the ViT's `token_ids_kwargs` (patch-content ids read the pixels)."""
+  if model.token_ids == 'patch_content':
+    return dict(model.patch_content.to_dict(), value_range=PIXEL_RANGE)
+  return {}
+
+
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> ViT:
   m = config.model
   return ViT(num_classes=m.num_classes, image_size=m.image_size, channels=m.channels,
              patch_size=m.patch_size, width=m.width, depth=m.depth, mlp_dim=m.mlp_dim,
              num_heads=m.num_heads, pool=m.pool, posemb=m.posemb, moe=moe_kwargs(m.moe),
-             token_ids=m.token_ids, dtype=m.dtype, rngs=rngs)
+             token_ids=m.token_ids, token_ids_kwargs=token_ids_kwargs(m), dtype=m.dtype,
+             rngs=rngs)
 
 
 def build_optimizer(config: ml_collections.ConfigDict):

@@ -10,7 +10,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.layers import ENGINES, ROUTERS
-from moe_jax.models.vit import DTYPES, PRESETS, TOKEN_ID_FNS  # noqa: F401 (PRESETS re-exported)
+from moe_jax.models.token_ids import TOKEN_ID_FNS
+from moe_jax.models.vit import DTYPES, PRESETS  # noqa: F401 (PRESETS re-exported)
 
 # Router defaults for the CPU configs: the papers' settings at the capacity of the
 # Soft MoE paper's comparison (C = 1 slot per token and choice).
@@ -66,6 +67,9 @@ def vit_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       size='tiny', num_classes=10, image_size=28, channels=1, pool='gap', posemb='learn',
       dtype='float32', token_ids='position', **PRESETS['tiny']))
+  # Options of token_ids='patch_content' (models.token_ids.patch_content_ids; the pixel
+  # range comes from the data pipeline). Hash routers read these ids.
+  c.model.patch_content = ml_collections.ConfigDict(dict(levels=4, bits=4, flat_std=0.02, seed=0))
   c.model.moe = ml_collections.ConfigDict(dict(
       router='soft_moe', router_kwargs=dict(ROUTER_KWARGS['soft_moe']), num_experts=16,
       expert_hidden=config_dict.placeholder(int), engine='gather',

@@ -77,6 +77,7 @@ def test_bad_config_arguments_are_named(arg, match):
     ('optimizer.warmup_steps', 10_000, 'lower --config.optimizer.warmup_steps'),
     ('mesh.expert', 4, 'one device'),
     ('batch_size', 0, 'config.batch_size: must be >= 1'),
+    ('model.token_ids', 'pixels', "config.model.token_ids: 'pixels' not in"),
 ])
 def test_bad_config_values_raise_clear_errors(field, value, match):
   config = FMNIST.get_config('soft_moe,tiny')

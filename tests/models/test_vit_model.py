@@ -54,9 +54,14 @@ def test_sincos2d_formula():
                                                     np.sin(r * omega), np.cos(r * omega)]), atol=1e-6)
 
 
+# Small-E kwargs for routers whose paper defaults need more than 4 experts.
+SMALL_E_KWARGS = {'deepseek': dict(k=2), 'noisy_top_k': dict(k=2), 'dselect_k': dict(k=2)}
+
+
 @pytest.mark.parametrize('router, pool', [(r, 'gap') for r in sorted(ROUTERS)] + [('soft_moe', 'token')])
 def test_every_registered_router_runs_in_the_vit(router, pool):
-  moe = dict(router=router, num_experts=4, last_n=1)
+  # 16 patch tokens per image: BASE needs S % E == 0; hash routers read the position ids.
+  moe = dict(router=router, num_experts=4, last_n=1, router_kwargs=SMALL_E_KWARGS.get(router))
   model = ViT(**TINY, pool=pool, moe=moe, rngs=nnx.Rngs(0))
   images = jax.random.normal(jax.random.key(1), (3, 28, 28, 1))
   logits, aux = forward(model, images)
@@ -124,7 +129,8 @@ def test_group_size_routes_several_images_together():
 
 @pytest.mark.parametrize('bad, match', [
     (dict(pool='max'), 'pool'), (dict(posemb='rope'), 'posemb'), (dict(patch_size=5), 'divisible'),
-    (dict(token_ids='nope'), 'token_ids'), (dict(moe=dict(router='nope', num_experts=2, last_n=1)), 'router'),
+    (dict(token_ids='nope'), 'token_ids'), (dict(token_ids_kwargs=dict(levels=2)), 'token_ids_kwargs'),
+    (dict(moe=dict(router='nope', num_experts=2, last_n=1)), 'router'),
     (dict(moe=dict(router='soft_moe', num_experts=2, last_n=1, typo=1)), 'typo'),
     (dict(dtype='float16'), 'dtype')])
 def test_bad_options_raise_clear_errors(bad, match):

@@ -14,8 +14,10 @@ from scipy.special import log_softmax
 
 from moe_jax import routing
 from moe_jax.layers import ROUTERS, TokensChoiceRouter
-from moe_jax.models import ViT
+from moe_jax.models import ViT, token_ids
+from moe_jax.routing import hashing
 from moe_jax.train import steps, writers
+from moe_jax.train.builders import build_model
 from moe_jax.train.trainer import train_and_evaluate
 from tests.train.vit_helpers import ROOT, mock_fashion_mnist, persistent_xla_cache, tiny_config
 
@@ -158,3 +160,32 @@ def test_cli_trains_on_the_local_fashion_mnist(tmp_path):
   bad = subprocess.run(cmd[:5] + ['--config.model.moe.router=nope'], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
   assert bad.returncode != 0 and "config.model.moe.router: 'nope'" in bad.stderr
+
+
+def test_hash_router_with_patch_content_ids_trains_in_the_vit():
+  """config: router=hash, token_ids=patch_content -> ids from the pixels reach the router."""
+  config = tiny_config('dense,tiny', **{'model.token_ids': 'patch_content'})
+  config.model.moe.router = 'hash'
+  config.model.moe.router_kwargs = dict(kind='random', seed=7)
+  config.model.moe.num_experts = 4
+  model = build_model(config, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  train_step = steps.make_train_step(model, optimizer, lambda step: 3e-3)
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (8, 28, 28, 1)).astype(np.float32)
+  pixels[:4, :14] = 0                                  # flat dark patches: one shared id
+  images = jnp.asarray(pixels * (2 / 255) - 1)         # the data pipeline's [-1, 1]
+  batch = {'image': images, 'label': jnp.arange(8) % 10}
+  state = nnx.state((model, optimizer))
+  losses = []
+  for _ in range(4):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0]
+  # The routing follows the hash of the patch-content ids of these pixels.
+  ids = token_ids.patch_content_ids(images, patch_size=7, num_tokens=16, value_range=(-1.0, 1.0))
+  expert = np.asarray(hashing.hash_experts(ids, 4, kind='random', seed=7))[..., 0]
+  load = np.stack([np.bincount(e, minlength=4) / 16 for e in expert]).mean(0)
+  np.testing.assert_allclose(metrics['routing/block_01/expert_load_max'], load.max() * 4, rtol=1e-5)
+  np.testing.assert_allclose(metrics['routing/block_01/expert_load_min'], load.min() * 4, rtol=1e-5)
+  assert len(np.unique(np.asarray(ids)[:4, :4])) == 1   # the dark patches share an id
