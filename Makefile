@@ -19,6 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # --- ViT demo: tiny ViT + Soft MoE on Fashion-MNIST -------------------------------------
+# Overrides: make demo DEMO_ARGS="--config.num_train_steps=500 --config.optimizer.warmup_steps=50"
 FMNIST_IDX := /usr/share/datasets/fashion-mnist
 DEMO_CONFIG ?= configs/vit/fashion_mnist.py:soft_moe,tiny
 DEMO_DIR ?= workdirs/demo

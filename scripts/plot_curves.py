@@ -32,8 +32,9 @@ def plot(workdir: str, out: str) -> None:
                          ('train/accuracy', 'train accuracy', ax_acc),
                          ('eval/accuracy', 'test accuracy', ax_acc)]:
     x, y = series(records, key)
-    if x:
-      ax.plot(x, y, marker='o' if key.startswith('eval') else None, ms=4, label=label)
+    if x:   # markers for eval points, and for a series of a single point (short runs)
+      ax.plot(x, y, marker='o' if key.startswith('eval') or len(x) == 1 else None, ms=4,
+              label=label)
   ax_loss.set_yscale('log')
   for ax, name in [(ax_loss, 'loss'), (ax_acc, 'accuracy')]:
     ax.set_xlabel('step')
@@ -57,7 +58,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   out = args.out or os.path.join(args.workdir, 'curves.png')
   plot(args.workdir, out)
-  print(f'wrote {out}')
+  x, y = series(read(args.workdir), 'eval/accuracy')
+  if y:
+    print(f'test accuracy {100 * y[-1]:.2f}% at step {x[-1]}')
+  print(f'training curves: {out}')
 
 
 if __name__ == '__main__':

@@ -15,7 +15,11 @@ Soft MoE: 32 experts with 1 slot each (32 slots for 49 tokens); tokens choice: 8
 experts, top-1 with batch priority, capacity factor 1 (C = 7); experts choice: 8
 experts, capacity factor 1. AdamW, warmup then cosine decay, batch 128.
 
-Result (soft_moe,tiny, 2 CPU cores): see README "Demo" for the measured accuracy and time.
+Hash routers and the other registered routers: start from `dense,tiny` and set
+`--config.model.moe.router=hash --config.model.token_ids=patch_content`.
+
+Result (soft_moe,tiny = `make demo`, 2 CPU cores): not yet measured on a quiet machine;
+the README section "ViT experiments" will give the test accuracy and time.
 """
 from moe_jax.train import config_lib
 
