@@ -9,7 +9,7 @@ from scripts import plot_curves, plot_pareto
 from tests.train.vit_helpers import mock_fashion_mnist, persistent_xla_cache
 
 TINY = {'model.width': 16, 'model.mlp_dim': 32, 'model.num_heads': 2, 'model.moe.num_experts': 4,
-        'batch_size': 8, 'eval_batch_size': 16, 'count_flops': True}
+        'model.depth': 1, 'batch_size': 8, 'eval_batch_size': 16, 'count_flops': True}
 
 
 def test_cpu_sweep_compares_five_methods_at_two_sizes():
@@ -58,6 +58,8 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
   rows = vit_pareto.collect(runs, root)
   assert [r['name'] for r in rows] == ['dense_tiny', 'soft_moe_tiny']
   assert all(r['train_flops'] > 0 and 0 <= r['test_accuracy'] <= 1 for r in rows)
+  flops = json.load(open(os.path.join(root, 'soft_moe_tiny', 'results.json')))['train_flops']
+  assert flops['total'] == pytest.approx(4 * flops['per_step']) and flops['moe_layers']
   summary = tmp_path / 'summary.json'
   summary.write_text(json.dumps(rows))
   plot_pareto.main([str(summary), f'--out={tmp_path / "pareto.png"}'])

@@ -105,8 +105,7 @@ def test_short_run_then_interrupted_and_resumed_run_match(tmp_path):
   Token choice with router noise and batch priority: resuming must restore the RNG state,
   the optimizer and the data position.
   """
-  config = tiny_config('tokens_choice,tiny', count_flops=True,
-                       **{'model.moe.router_kwargs.noise_std': 0.5})
+  config = tiny_config('tokens_choice,tiny', **{'model.moe.router_kwargs.noise_std': 0.5})
   with mock_fashion_mnist(), persistent_xla_cache(str(tmp_path / 'xla')):
     full = train_and_evaluate(config, str(tmp_path / 'full'))
     assert train_and_evaluate(config, str(tmp_path / 'cut'), stop_at_step=3) is None
@@ -118,7 +117,7 @@ def test_short_run_then_interrupted_and_resumed_run_match(tmp_path):
   on_disk = json.load(open(wd / 'results.json'))
   assert on_disk['final'] == full['final'] and 0 <= full['final']['test_accuracy'] <= 1
   assert full['params']['total'] > full['params']['active'] > 0
-  assert full['train_flops']['total'] == pytest.approx(6 * full['train_flops']['per_step'])
+  assert full['train_flops'] is None      # count_flops=False (FLOPs: test_vit_flops, test_vit_sweep)
   assert full['config']['model']['moe']['router'] == 'tokens_choice'
   assert os.listdir(wd / 'checkpoints') and any(f.startswith('events.out') for f in os.listdir(wd))
   records = writers.read_jsonl(str(wd))
