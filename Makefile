@@ -18,5 +18,29 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
+# --- ViT demo: tiny ViT + Soft MoE on Fashion-MNIST -------------------------------------
+# Overrides: make demo DEMO_ARGS="--config.num_train_steps=500 --config.optimizer.warmup_steps=50"
+FMNIST_IDX := /usr/share/datasets/fashion-mnist
+DEMO_CONFIG ?= configs/vit/fashion_mnist.py:soft_moe,tiny
+DEMO_DIR ?= workdirs/demo
+DEMO_ARGS ?=
+
+# Fashion-MNIST: Debian's IDX files (apt when root), then a TFDS copy in the TFDS data dir.
+data: $(STAMP)
+	@if [ -f $(FMNIST_IDX)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST IDX files: $(FMNIST_IDX)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist); \
+	else \
+	  echo "Fashion-MNIST is not installed. Install it with:"; \
+	  echo "    sudo apt-get install -y dataset-fashion-mnist"; \
+	  echo "or run where TFDS can download it (the trainer then does)."; \
+	fi
+	$(PY) -m moe_jax.data.prepare --name=fashion_mnist
+
+demo: $(STAMP) data
+	$(PY) -m moe_jax.train.main --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) $(DEMO_ARGS)
+	$(PY) scripts/plot_curves.py $(DEMO_DIR)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Sweep definitions that reproduce paper comparisons; results/ and plots/ hold their outputs."""

@@ -1,0 +1,1 @@
+"""Input pipelines (TFDS) and offline data preparation."""

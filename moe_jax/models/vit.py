@@ -1,0 +1,229 @@
+"""Vision Transformer whose MLP blocks can be MoE layers (V-MoE, Soft MoE).
+
+    model = ViT(num_classes=10, image_size=28, channels=1, **PRESETS['tiny'],
+                moe=dict(router='soft_moe', num_experts=16, last_n=2), rngs=nnx.Rngs(0))
+    logits, aux = model(images)       # images [B, H, W, C] -> logits [B, classes]
+    aux['block_03']['losses']         # every MoE layer's aux losses and routing metrics
+
+Pre-LayerNorm encoder (Dosovitskiy et al. 2021) with a patch embedding, learned or 2-d
+sin-cos position embeddings, and a global-average-pool ('gap') or class-token ('token')
+head. `moe` places MoE layers (any key of `layers.ROUTERS`) instead of the dense MLP in
+the blocks chosen by `placement.moe_block_indices` (every k-th, last n, or explicit).
+
+Every MoE layer gets `token_ids [B, S]` (hash routers need them), computed by a function
+of `token_ids.TOKEN_ID_FNS`: the token's position (default; class token 0, patches
+1..N) or a patch-content id (`token_ids.patch_content_ids`, a hash of the pixels).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax.layers import MoeLayer, get_router_class
+from moe_jax.models.placement import moe_block_indices
+from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
+
+Array = jax.Array
+
+# Sizes: tiny/small for 28x28 images on a CPU; S/16..H/14 from ViT (Dosovitskiy et al. 2021).
+PRESETS = {
+    'tiny': dict(patch_size=4, width=64, depth=4, mlp_dim=128, num_heads=4),
+    'small': dict(patch_size=4, width=128, depth=6, mlp_dim=256, num_heads=4),
+    'S/16': dict(patch_size=16, width=384, depth=12, mlp_dim=1536, num_heads=6),
+    'B/16': dict(patch_size=16, width=768, depth=12, mlp_dim=3072, num_heads=12),
+    'L/16': dict(patch_size=16, width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    'H/14': dict(patch_size=14, width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+# Soft MoE paper (Puigcerver et al. 2023) Table 1: 128 experts, 1 slot each, MoE in the
+# last half of the blocks (S/14 uses 256 experts).
+PAPER_MOE = {
+    'S/16': dict(num_experts=128, last_n=6),
+    'B/16': dict(num_experts=128, last_n=6),
+    'L/16': dict(num_experts=128, last_n=12),
+    'H/14': dict(num_experts=128, last_n=16),
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MOE_KEYS = ('router', 'router_kwargs', 'num_experts', 'expert_hidden', 'engine', 'group_size',
+            'every', 'last_n', 'layers', 'glu', 'activation')
+
+
+# images: [B, H, W, C] -> [B, N, patch_size² · C], row-major patches (the patch embedding's input).
+extract_patches = image_patches
+
+
+def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.) -> np.ndarray:
+  """2-d sin-cos position embedding (MoCo v3 / big_vision). -> [h·w, width]."""
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need width % 4 == 0, got {width}.')
+  y, x = np.mgrid[:h, :w]
+  omega = 1. / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention, fused qkv projection. x: [B, S, d] -> [B, S, d]."""
+
+  def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f'width {width} must be divisible by num_heads {num_heads}.')
+    init = nnx.initializers.xavier_uniform()
+    self.num_heads = num_heads
+    self.qkv = nnx.Linear(width, 3 * width, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(width, width, kernel_init=init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    b, s, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]                       # [B, S, H, dh]
+    logits = jnp.einsum('bqhc,bkhc->bhqk', q, k) / np.sqrt(d // self.num_heads).astype(x.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    return self.out(jnp.einsum('bhqk,bkhc->bqhc', probs, v).reshape(b, s, d))
+
+
+class Mlp(nnx.Module):
+  """Dense MLP block: Linear -> gelu -> Linear. x: [B, S, d] -> [B, S, d]."""
+
+  def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.xavier_uniform()
+    self.fc1 = nnx.Linear(width, mlp_dim, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, width, kernel_init=init, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-LN encoder block; `mlp` is an `Mlp` or a `MoeLayer`."""
+
+  def __init__(self, width: int, num_heads: int, mlp: nnx.Module, *, dtype, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    self.mlp = mlp
+    self.is_moe = isinstance(mlp, MoeLayer)
+
+  def __call__(self, x: Array, token_ids: Array) -> tuple[Array, dict | None]:
+    x = x + self.attn(self.norm1(x))
+    h = self.norm2(x)
+    if self.is_moe:
+      y, aux = self.mlp(h, token_ids=token_ids)
+      return x + y, aux
+    return x + self.mlp(h), None
+
+
+def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: dict, *, dtype,
+               rngs: nnx.Rngs) -> MoeLayer:
+  router = moe.get('router', 'soft_moe')
+  router_kwargs = dict(moe.get('router_kwargs') or {})
+  # Routers sized by tokens per group (Soft MoE with a capacity factor) get it filled in.
+  if ('capacity_factor' in router_kwargs
+      and 'num_tokens' in inspect.signature(get_router_class(router).__init__).parameters):
+    router_kwargs.setdefault('num_tokens', tokens_per_group)
+  return MoeLayer(width, moe['num_experts'], moe.get('expert_hidden') or mlp_dim, router=router,
+                  router_kwargs=router_kwargs, engine=moe.get('engine', 'gather'),
+                  activation=moe.get('activation', 'gelu'), glu=moe.get('glu', False),
+                  group_size=moe.get('group_size'), dtype=dtype, rngs=rngs)
+
+
+class ViT(nnx.Module):
+  """ViT classifier with optional MoE MLP blocks.
+
+  Args:
+    num_classes: output classes.
+    image_size: H (= W) or (H, W).
+    channels: C.
+    patch_size, width, depth, mlp_dim, num_heads: the backbone (see `PRESETS`).
+    pool: 'gap' (mean of the final tokens) or 'token' (a class token).
+    posemb: 'learn' or 'sincos2d'.
+    moe: None for a dense ViT, or a dict with `router` (a `layers.ROUTERS` key),
+      `router_kwargs`, `num_experts`, and optionally `expert_hidden` (default mlp_dim),
+      `engine`, `group_size` (tokens per routing group; default one image), `glu`,
+      `activation` and the placement `every` / `last_n` / `layers`.
+    token_ids: a key of `token_ids.TOKEN_ID_FNS` ('position', 'patch_content'), the
+      function computing the ids handed to every MoE layer.
+    token_ids_kwargs: extra keyword arguments of that function (e.g. `value_range`
+      of the pixels, `levels`, `bits` for 'patch_content').
+    dtype: compute dtype name ('float32', 'bfloat16'); params stay float32.
+    rngs: `nnx.Rngs`.
+  """
+
+  def __init__(self, *, num_classes: int, image_size: int | tuple[int, int], channels: int,
+               patch_size: int, width: int, depth: int, mlp_dim: int, num_heads: int,
+               pool: str = 'gap', posemb: str = 'learn', moe: dict | None = None,
+               token_ids: str = 'position', token_ids_kwargs: dict | None = None,
+               dtype: str = 'float32', rngs: nnx.Rngs):
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if h % patch_size or w % patch_size:
+      raise ValueError(f'image size {(h, w)} is not divisible by patch_size {patch_size}.')
+    if pool not in ('gap', 'token'):
+      raise ValueError(f"pool must be 'gap' or 'token', got {pool!r}.")
+    if posemb not in ('learn', 'sincos2d'):
+      raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {posemb!r}.")
+    if token_ids not in TOKEN_ID_FNS:
+      raise ValueError(f'token_ids must be one of {sorted(TOKEN_ID_FNS)}, got {token_ids!r}.')
+    if dtype not in DTYPES:
+      raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}.')
+    cdt = DTYPES[dtype]
+    self.patch_size, self.pool, self.token_ids_name = patch_size, pool, token_ids
+    self.token_ids_kwargs = dict(token_ids_kwargs or {})
+    bad = set(self.token_ids_kwargs) - set(inspect.signature(TOKEN_ID_FNS[token_ids]).parameters)
+    if bad:
+      raise ValueError(f'token_ids_kwargs {sorted(bad)} are not arguments of the {token_ids!r} '
+                       f'token-id function.')
+    self.num_patches = (h // patch_size) * (w // patch_size)
+    self.num_tokens = self.num_patches + (pool == 'token')
+    self.embed = nnx.Linear(patch_size * patch_size * channels, width, dtype=cdt,
+                            kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+    if posemb == 'learn':
+      self.posemb = nnx.Param(0.02 * jax.random.normal(rngs.params(), (self.num_patches, width)))
+    else:
+      self.posemb = nnx.data(jnp.asarray(sincos2d(h // patch_size, w // patch_size, width)))
+    self.cls = (nnx.Param(jnp.zeros((1, 1, width))) if pool == 'token' else nnx.data(None))
+    moe = dict(moe or {})
+    unknown = set(moe) - set(MOE_KEYS)
+    if unknown:
+      raise ValueError(f'unknown moe options {sorted(unknown)}; known: {list(MOE_KEYS)}.')
+    moe_idx = (moe_block_indices(depth, every=moe.get('every'), last_n=moe.get('last_n'),
+                                 layers=moe.get('layers')) if moe else ())
+    self.moe_blocks = moe_idx
+    blocks = []
+    for i in range(depth):
+      mlp = (_moe_layer(width, mlp_dim, moe.get('group_size') or self.num_tokens, moe, dtype=cdt,
+                        rngs=rngs) if i in moe_idx else Mlp(width, mlp_dim, dtype=cdt, rngs=rngs))
+      blocks.append(Block(width, num_heads, mlp, dtype=cdt, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=cdt, rngs=rngs)
+    self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(),
+                           dtype=cdt, rngs=rngs)
+    self.dtype = cdt
+
+  def default_token_ids(self, images: Array) -> Array:
+    """images: [B, H, W, C] -> [B, S] int32 via `TOKEN_ID_FNS[token_ids]`."""
+    fn = functools.partial(TOKEN_ID_FNS[self.token_ids_name], **self.token_ids_kwargs)
+    return fn(images, patch_size=self.patch_size, num_tokens=self.num_tokens)
+
+  def __call__(self, images: Array, *, token_ids: Array | None = None) -> tuple[Array, dict]:
+    """images: [B, H, W, C] -> (logits [B, classes] float32, aux {block name: aux})."""
+    if token_ids is None:
+      token_ids = self.default_token_ids(images)
+    x = self.embed(extract_patches(images.astype(self.dtype), self.patch_size))
+    x = x + jnp.asarray(self.posemb[...] if isinstance(self.posemb, nnx.Param) else self.posemb,
+                        x.dtype)
+    if self.pool == 'token':
+      x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, x.shape[2])),
+                           x], axis=1)
+    aux = {}
+    for i, block in enumerate(self.blocks):
+      x, block_aux = block(x, token_ids)
+      if block_aux is not None:
+        aux[f'block_{i:02d}'] = block_aux
+    x = self.norm(x)
+    pooled = x[:, 0] if self.pool == 'token' else jnp.mean(x, axis=1)
+    return self.head(pooled).astype(jnp.float32), aux

@@ -1,0 +1,1 @@
+"""Command-line scripts: plotting, data preparation."""
