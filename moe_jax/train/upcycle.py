@@ -59,10 +59,11 @@ def load_dense_params(dense_workdir: str) -> dict:
   Returns:
     {path: np.ndarray}, paths like ('blocks', '3', 'mlp', 'fc1', 'kernel').
   """
-  # A plain manager: reads only (no clean-up of the dense run's temporary directories).
-  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(dense_workdir), 'checkpoints'),
-                               item_names=('state', 'meta'))
-  step = mngr.latest_step()
+  path = os.path.join(os.path.abspath(dense_workdir), 'checkpoints')
+  # A plain manager, only on an existing directory: it neither creates nor cleans up.
+  mngr = (ocp.CheckpointManager(path, item_names=('state', 'meta')) if os.path.isdir(path)
+          else None)
+  step = None if mngr is None else mngr.latest_step()
   if step is None:
     raise ValueError(f'init_from.dense_workdir={dense_workdir!r} holds no checkpoint: train '
                      'the dense model there first (router=dense).')

@@ -85,7 +85,7 @@ def test_upcycled_model_copies_the_dense_mlp_and_computes_the_dense_function(tmp
   assert via_script['final'] == via_option['final']
 
 
-def test_upcycle_params_errors_name_the_mismatch():
+def test_upcycle_params_errors_name_the_mismatch(tmp_path):
   dense = {('blocks', '0', 'mlp', 'fc1', 'kernel'): np.zeros((4, 8)),
            ('blocks', '0', 'mlp', 'fc1', 'bias'): np.zeros(8),
            ('head', 'kernel'): np.ones((4, 3))}
@@ -103,7 +103,8 @@ def test_upcycle_params_errors_name_the_mismatch():
   with pytest.raises(ValueError, match='no place in the MoE model'):
     upcycle.upcycle_params({**dense, ('extra', 'w'): np.zeros(2)}, moe)
   with pytest.raises(ValueError, match='holds no checkpoint'):
-    upcycle.load_dense_params('/nonexistent/dense_run')
+    upcycle.load_dense_params(str(tmp_path / 'dense_run'))
+  assert not (tmp_path / 'dense_run').exists()      # reading creates nothing
   cfg = tiny_config('tokens_choice,tiny', **{'init_from.dense_workdir': 'x', 'model.moe.glu': True})
   with pytest.raises(ValueError, match='glu=False'):
     upcycle.check_config(cfg)
