@@ -31,10 +31,13 @@ class SoftMoeCausalRouter(SoftMoeRouter):
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, num_slots: int = 1,
                slots_per_position: int = 1, normalize: bool = True, noise_std: float = 0.0,
                capacity_factor: float | None = None, num_tokens: int | None = None):
-    if capacity_factor is not None or num_tokens is not None:
+    # num_tokens alone is accepted and unused: models fill it in for every router that
+    # takes it (ViT does), and slots here are sized per position, not per group.
+    del num_tokens
+    if capacity_factor is not None:
       raise ValueError('soft_moe_causal sizes its slots per position: pass '
                        'slots_per_position (slot instances per token) instead of '
-                       'capacity_factor / num_tokens.')
+                       'capacity_factor.')
     if slots_per_position < 1:
       raise ValueError(f'slots_per_position must be >= 1, got {slots_per_position}.')
     super().__init__(d_model, num_experts, rngs=rngs, num_slots=num_slots, normalize=normalize,

@@ -82,6 +82,11 @@ def vit_base_config() -> ml_collections.ConfigDict:
       data_dir=config_dict.placeholder(str), idx_dir=config_dict.placeholder(str),
       download=True, mode='memory', augment='none', shuffle_buffer=10_000))
 
+  # Sparse upcycling (moe_jax.train.upcycle): a fresh run starts from this dense run's
+  # latest checkpoint, every expert a copy of the dense MLP.
+  c.init_from = ml_collections.ConfigDict(dict(
+      dense_workdir=config_dict.placeholder(str), mode='upcycle'))
+
   # Device mesh (the parallel trainer fills this in; the single-device trainer needs 1, 1).
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1))
   return c

@@ -7,6 +7,11 @@
 The step differentiates only `nnx.Param`. Any other `nnx.Variable` a layer changes in
 its forward pass (RNG counters, a router bias updated from the batch load, moving
 averages) is carried out of the step like BatchNorm statistics.
+
+Score-function routers (`reinforce`) report `reinforce_log_prob` [G, S] in their metrics;
+the loss adds their REINFORCE surrogate with reward = -(the example's task loss),
+broadcast to its tokens, and the step then moves each router's moving-average baseline
+(`update_reinforce_baselines`), non-Param state like DeepSeek's bias.
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe_jax.layers.routers_reinforce import update_reinforce_baselines
+from moe_jax.routing import reinforce as reinforce_lib
+
 Array = jax.Array
 
 
 def loss_terms(logits: Array, labels: Array, aux: dict, *,
                label_smoothing: float = 0.0) -> tuple[Array, dict]:
-  """Total loss = mean task loss + the sum of every MoE layer's auxiliary losses.
+  """Total loss = mean task loss + every MoE layer's auxiliary losses + REINFORCE surrogates.
 
   Args:
     logits: [B, classes] float32.
@@ -31,9 +39,10 @@ def loss_terms(logits: Array, labels: Array, aux: dict, *,
     label_smoothing: ε of label smoothing (0: plain cross-entropy).
 
   Returns:
-    (total, terms) with terms['per_example_loss'] [B] (the task loss of each example,
-    e.g. a reward for score-function router gradients), 'task_loss', 'aux_loss' and
-    'aux_losses' {'layer/name': scalar}.
+    (total, terms) with terms['per_example_loss'] [B] (the task loss of each example),
+    'rewards' [B] (its negation, stop-gradient), 'task_loss', 'aux_loss', 'aux_losses'
+    {'layer/name': scalar} and 'reinforce_loss' (sum of the surrogates; 0 without
+    score-function routers).
   """
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
@@ -41,8 +50,32 @@ def loss_terms(logits: Array, labels: Array, aux: dict, *,
   task = jnp.mean(per_example)
   aux_losses = {f'{layer}/{name}': v for layer, a in aux.items() for name, v in a['losses'].items()}
   aux_total = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
-  return task + aux_total, dict(per_example_loss=per_example, task_loss=task, aux_loss=aux_total,
-                                aux_losses=aux_losses)
+  rewards = -jax.lax.stop_gradient(per_example)
+  surrogate = reinforce_loss(aux, rewards)
+  return task + aux_total + surrogate, dict(
+      per_example_loss=per_example, rewards=rewards, task_loss=task, aux_loss=aux_total,
+      aux_losses=aux_losses, reinforce_loss=surrogate)
+
+
+def reinforce_loss(aux: dict, rewards: Array) -> Array:
+  """Σ over score-function MoE layers of `routing.reinforce_surrogate`.
+
+  Args:
+    aux: the model's {layer: {'losses', 'metrics'}}; a layer takes part when its metrics
+      hold `reinforce_log_prob` [G, S'] (G·S' = B·S tokens in example order) and
+      `reinforce_baseline` (scalar).
+    rewards: [B] per-example rewards (stop-gradient), broadcast to the example's tokens.
+  Returns:
+    Scalar (0 when no layer takes part).
+  """
+  total = jnp.zeros((), jnp.float32)
+  for a in aux.values():
+    m = a['metrics']
+    if reinforce_lib.LOG_PROB_KEY in m:
+      log_prob = m[reinforce_lib.LOG_PROB_KEY].reshape(rewards.shape[0], -1)   # [B, S]
+      total = total + reinforce_lib.reinforce_surrogate(log_prob, rewards,
+                                                        m[reinforce_lib.BASELINE_KEY])
+  return total
 
 
 def routing_scalars(aux: dict) -> dict[str, Array]:
@@ -92,7 +125,10 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
     nnx.update(model, new_rest)
     lr = schedule(optimizer.step[...])
     optimizer.update(model, grads)
+    # After the surrogate used the old baseline (no-op without reinforce routers).
+    update_reinforce_baselines(model, terms['rewards'])
     metrics = dict(loss=loss, task_loss=terms['task_loss'], aux_loss=terms['aux_loss'],
+                   reinforce_loss=terms['reinforce_loss'],
                    accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']),
                    grad_norm=optax.tree.norm(grads), learning_rate=lr)
     metrics.update(routing_scalars(aux))

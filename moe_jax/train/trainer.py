@@ -25,7 +25,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
 
 from moe_jax.data.images import ImageData
-from moe_jax.train import checkpoint, config_lib, flops, steps, writers
+from moe_jax.train import checkpoint, config_lib, flops, steps, upcycle, writers
 from moe_jax.train.builders import build_model, build_optimizer
 
 RESULTS = 'results.json'
@@ -56,13 +56,20 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def restore_or_init(mngr, state) -> tuple:
+def restore_or_init(mngr, state, config=None) -> tuple:
   """(state, meta) from the latest checkpoint, or (state, None) for a fresh run.
 
-  The one place a run's initial state comes from (sparse upcycling hooks in here).
+  The one place a run's initial state comes from. A fresh run with
+  `config.init_from.dense_workdir` set starts from that dense run's upcycled weights.
   """
   restored = checkpoint.restore_latest(mngr, state)
-  return (state, None) if restored is None else restored
+  if restored is not None:
+    return restored
+  init = config.get('init_from') if config is not None else None
+  if init is not None and init.get('dense_workdir'):
+    logging.info('Upcycling the dense checkpoint of %s.', init.dense_workdir)
+    state = upcycle.upcycle_train_state(config, state)
+  return state, None
 
 
 def evaluate(eval_step, model_state, data: ImageData) -> dict[str, float]:
@@ -122,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_step = steps.make_eval_step(model)
   mngr = checkpoint.make_manager(workdir, every=config.checkpoint_every_steps,
                                  keep=config.keep_checkpoints)
-  state, meta = restore_or_init(mngr, nnx.state((model, optimizer)))
+  state, meta = restore_or_init(mngr, nnx.state((model, optimizer)), config)
   if meta is None:
     meta = dict(step=0, data=data.position(0), train_time_s=0.0, wall_time_s=0.0, eval=[])
     writers.truncate_jsonl(workdir, -1)

@@ -1,0 +1,167 @@
+"""Sparse upcycling (Komatsuzaki et al. 2023): a trained dense ViT -> its MoE model.
+
+    dense = load_dense_params('workdirs/dense')            # {path tuple: array}
+    upcycle_params(dense, moe_params)                       # pure dict of the MoE model
+    state = upcycle_train_state(config, nnx.state((model, optimizer)))   # the trainer's hook
+
+Every expert of an MoE block starts as a copy of that block's dense MLP (fc1 -> w_in,
+b_in; fc2 -> w_out, b_out, the same weights in all E experts); every other parameter
+(embedding, attention, norms, head, dense blocks) is copied; the router is freshly
+initialised, and so are the optimizer state and any non-trainable router state (RNG
+counters, DeepSeek's bias, REINFORCE's baseline). The MoE model must have the dense
+model's shapes, GELU experts without GLU, and expert_hidden = mlp_dim.
+
+Function-preserving at init only where each token's combine weights sum to 1 and no
+token is dropped (e.g. tokens choice with k >= 2 renormalised gates and ample capacity:
+the output is a convex mix of identical MLPs). Top-1 routers scale the MLP by the gate,
+drops zero it, and Soft MoE applies the MLP to slot mixtures of tokens, so those start
+near, not at, the dense function (the paper notes this for Soft MoE-style mixing too).
+
+Trainer: `config.init_from.dense_workdir=...` (with `init_from.mode='upcycle'`) makes a
+run whose workdir holds no checkpoint of its own start from the upcycled weights;
+`scripts/upcycle.py` writes that initial state as a step-0 checkpoint instead.
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moe_jax.train import checkpoint
+
+MODES = ('upcycle',)
+# Expert parameter <- (dense MLP parameter, expert-axis broadcast).
+EXPERT_FROM_DENSE = {('experts', 'w_in'): ('fc1', 'kernel'), ('experts', 'b_in'): ('fc1', 'bias'),
+                     ('experts', 'w_out'): ('fc2', 'kernel'), ('experts', 'b_out'): ('fc2', 'bias')}
+
+
+def _flatten(tree: dict, prefix: tuple = ()) -> dict:
+  """Nested dict -> {path of str: leaf}; orbax's {'value': array} leaf wrappers removed."""
+  out = {}
+  for k, v in tree.items():
+    path = prefix + (str(k),)
+    if isinstance(v, dict) and set(v) == {'value'} and not isinstance(v['value'], dict):
+      out[path] = v['value']
+    elif isinstance(v, dict):
+      out.update(_flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def load_dense_params(dense_workdir: str) -> dict:
+  """The model parameters of the latest checkpoint in a dense run's workdir.
+
+  Returns:
+    {path: np.ndarray}, paths like ('blocks', '3', 'mlp', 'fc1', 'kernel').
+  """
+  path = os.path.join(os.path.abspath(dense_workdir), 'checkpoints')
+  # A plain manager, only on an existing directory: it neither creates nor cleans up.
+  mngr = (ocp.CheckpointManager(path, item_names=('state', 'meta')) if os.path.isdir(path)
+          else None)
+  step = None if mngr is None else mngr.latest_step()
+  if step is None:
+    raise ValueError(f'init_from.dense_workdir={dense_workdir!r} holds no checkpoint: train '
+                     'the dense model there first (router=dense).')
+  raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                   meta=ocp.args.JsonRestore()))
+  mngr.close()
+  model = raw.state['0'] if '0' in raw.state else raw.state[0]   # state = (model, optimizer)
+  return {p: np.asarray(v) for p, v in _flatten(model).items()}
+
+
+def upcycle_params(dense: dict, moe: dict) -> dict:
+  """MoE model variables initialised from a dense model's parameters.
+
+  Args:
+    dense: {path: array} of the dense ViT (`load_dense_params`).
+    moe: {path: array} of the freshly initialised MoE ViT (any variables: leaves the
+      dense model lacks, such as routers and RNG state, are kept).
+  Returns:
+    A new {path: array}: experts = copies of the dense MLP, shared parameters copied.
+  """
+  out, used = dict(moe), set()
+  for path, value in moe.items():
+    src, expert = path, False
+    for tail, dense_tail in EXPERT_FROM_DENSE.items():
+      if path[-2:] == tail and 'mlp' in path:
+        src, expert = path[:-2] + dense_tail, True
+    if src not in dense:
+      if expert:
+        raise ValueError(f'upcycling: the dense checkpoint has no {"/".join(src)} for '
+                         f'{"/".join(path)}; are the two configs the same model?')
+      continue                                   # router, RNG counters, ...: stay fresh
+    d = np.asarray(dense[src])
+    if expert:
+      if np.shape(value)[1:] != d.shape:
+        raise ValueError(f'upcycling: expert parameter {"/".join(path)} {np.shape(value)} does '
+                         f'not stack the dense {"/".join(src)} {d.shape}; set '
+                         'model.moe.expert_hidden to the dense mlp_dim (and glu=False).')
+      d = np.broadcast_to(d, np.shape(value))
+    elif np.shape(value) != d.shape:
+      raise ValueError(f'upcycling: {"/".join(path)} has shape {np.shape(value)} in the MoE '
+                       f'model but {d.shape} in the dense checkpoint; use the same model sizes.')
+    out[path] = jnp.asarray(d, dtype=jnp.asarray(value).dtype)
+    used.add(src)
+  unused = sorted('/'.join(p) for p in set(dense) - used)
+  if unused:
+    raise ValueError(f'upcycling: dense parameters {unused} have no place in the MoE model; '
+                     'is the dense checkpoint from the same model (and are MoE blocks MLPs)?')
+  return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a clear error for an init_from block that cannot be honoured."""
+  init = config.init_from
+  if init.mode not in MODES:
+    raise ValueError(f'config.init_from.mode: {init.mode!r} is not one of {MODES}.')
+  moe = config.model.moe
+  if moe.router == 'dense':
+    raise ValueError('config.init_from: upcycling needs an MoE config (router != dense).')
+  if moe.glu or moe.activation != 'gelu':
+    raise ValueError('config.init_from: upcycled experts copy the dense GELU MLP; set '
+                     'model.moe.glu=False and model.moe.activation=gelu.')
+  if moe.expert_hidden not in (None, config.model.mlp_dim):
+    raise ValueError(f'config.init_from: model.moe.expert_hidden={moe.expert_hidden} must equal '
+                     f'mlp_dim={config.model.mlp_dim} (or be unset) to copy the dense MLP.')
+
+
+def upcycle_train_state(config: ml_collections.ConfigDict, state: nnx.State) -> nnx.State:
+  """The trainer's fresh `nnx.state((model, optimizer))` with upcycled model weights.
+
+  The optimizer part is returned untouched (fresh: step 0, zero moments).
+  """
+  check_config(config)
+  model_state = state[0]
+  pure = nnx.to_pure_dict(model_state)
+  flat = _flatten(pure)
+  new = upcycle_params(load_dense_params(config.init_from.dense_workdir), flat)
+  nnx.replace_by_pure_dict(model_state, _unflatten_like(pure, new))
+  return state
+
+
+def _unflatten_like(tree: dict, flat: dict, prefix: tuple = ()) -> dict:
+  return {k: (_unflatten_like(v, flat, prefix + (str(k),)) if isinstance(v, dict)
+              else flat[prefix + (str(k),)]) for k, v in tree.items()}
+
+
+def initial_meta(config: ml_collections.ConfigDict, dense_workdir: str) -> dict:
+  """Checkpoint meta of a step-0 state (what the trainer writes before its first step)."""
+  return dict(step=0, data={'seed': config.seed, 'next_step': 0}, train_time_s=0.0,
+              wall_time_s=0.0, eval=[], upcycled_from=dense_workdir)
+
+
+def write_initial_checkpoint(config: ml_collections.ConfigDict, state: nnx.State,
+                             workdir: str) -> None:
+  """Saves an upcycled `state` as step 0 of `workdir` (which must hold no checkpoint)."""
+  mngr = checkpoint.make_manager(workdir, every=config.checkpoint_every_steps,
+                                 keep=config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    raise ValueError(f'{workdir} already holds checkpoints; upcycle into a new workdir.')
+  checkpoint.save(mngr, 0, state, initial_meta(config, config.init_from.dense_workdir), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
