@@ -40,7 +40,7 @@ from moe_jax.layers.engines import grouped  # noqa: E402
 ROUTER_ENGINES = {   # router -> engines that run it natively (others delegate)
     'tokens_choice': ('einsum', 'gather', 'dropless'),
     'experts_choice': ('einsum', 'gather'),
-    'soft_moe': ('einsum',),
+    'soft_moe': ('einsum', 'gather'),     # gather: einsum dispatch/combine, expert blocks
 }
 ENGINE_ORDER = ['einsum', 'gather', 'gather_scatter', 'dropless']
 ABLATION_ENGINES = {'gather_scatter': engines_lib.GatherEngine(combine='scatter')}
@@ -57,7 +57,10 @@ def parse_args(argv=None):
   p.add_argument('--engines', default='einsum,gather,dropless')
   p.add_argument('--ablation', action='store_true', help='add the scatter-combine gather engine')
   p.add_argument('--tokens', type=int, default=32768 if gpu else 8192)
-  p.add_argument('--group-size', type=int, default=256, help='tokens per routing group (S)')
+  p.add_argument('--group-size', type=int, default=512,
+                 help='tokens per routing group S of token / expert choice (a T5 sequence)')
+  p.add_argument('--soft-group-size', type=int, default=256,
+                 help='tokens per Soft MoE group (a ViT image); slots = tokens')
   p.add_argument('--d-model', type=int, default=1024 if gpu else 256)
   p.add_argument('--hidden', type=int, default=4096 if gpu else 1024)
   p.add_argument('--capacity-factor', type=float, default=1.25)
@@ -68,9 +71,14 @@ def parse_args(argv=None):
   p.add_argument('--force', action='store_true', help='re-measure rows already in the JSON')
   a = p.parse_args(argv)
   if a.quick:
-    a.tokens, a.group_size, a.d_model, a.hidden, a.reps, a.warmup = 512, 64, 32, 64, 2, 1
+    a.tokens, a.d_model, a.hidden, a.reps, a.warmup = 512, 32, 64, 2, 1
+    a.group_size, a.soft_group_size = 64, 64
     a.experts, a.ks = '8', '2'
   return a
+
+
+def group_size(a, router):
+  return a.soft_group_size if router == 'soft_moe' else a.group_size
 
 
 def row_key(e, router, k, engine):
@@ -83,7 +91,7 @@ def make_moe(a, e, router, k):
   elif router == 'experts_choice':
     kw = dict(capacity_factor=float(k))     # c = k: the same expert compute as top-k
   else:
-    kw = dict(num_slots=max(1, a.group_size // e))   # slots = tokens
+    kw = dict(num_slots=max(1, a.soft_group_size // e))   # slots = tokens
   return layers.MoeLayer(a.d_model, e, a.hidden, router=router, router_kwargs=kw, engine='einsum',
                          dtype=jnp.dtype(a.dtype), rngs=nnx.Rngs(0))
 
@@ -130,13 +138,14 @@ def compile_step(loss, params, x, ct):
 def analytic_flops(a, e, router, k, engine, layer, x):
   """Forward+backward FLOPs (3× forward): useful = the dense-equivalent's; executed = what
   the engine computes, padding and one-hot einsums included."""
-  t, s, d, h = a.tokens, a.group_size, a.d_model, a.hidden
+  t, s, d, h = a.tokens, group_size(a, router), a.d_model, a.hidden
   per_row = 2 * 2 * d * h                      # one token through one expert, forward
   kk = 1 if router == 'soft_moe' else k
   useful = 3 * (t * kk * per_row + 2 * t * d)  # + biases
   gate = 2 * t * d * e
   if router == 'soft_moe':
-    slots = e * layer.router.num_slots
+    c = layer.router.num_slots
+    slots = e * c
     rows, extra = (t // s) * slots, 3 * 2 * t * slots * d    # logits, dispatch, combine
   else:
     r = layer.router(x.reshape(-1, s, d))
@@ -152,7 +161,7 @@ def analytic_flops(a, e, router, k, engine, layer, x):
       else:
         rows = t * k
   executed = 3 * (rows * per_row + gate + extra)
-  return useful, executed
+  return useful, executed, c
 
 
 def time_pair(fn_a, fn_b, reps, warmup):
@@ -170,7 +179,8 @@ def time_pair(fn_a, fn_b, reps, warmup):
 
 def measure_row(a, e, router, k, engine):
   kx, kc = jax.random.split(jax.random.key(1))
-  x = jax.random.normal(kx, (a.tokens // a.group_size, a.group_size, a.d_model), jnp.float32)
+  s = group_size(a, router)
+  x = jax.random.normal(kx, (a.tokens // s, s, a.d_model), jnp.float32)
   ct = jax.random.normal(kc, x.shape, jnp.float32)
   layer = make_moe(a, e, router, k)
   loss, params = moe_loss_fn(layer, engine)
@@ -180,9 +190,9 @@ def measure_row(a, e, router, k, engine):
   dense_fn, dense_info = compile_step(dloss, dparams, x, ct)
   load0 = os.getloadavg()[0]
   tm, td, cm, cd = time_pair(moe_fn, dense_fn, a.reps, a.warmup)
-  useful, executed = analytic_flops(a, e, router, k, engine, layer, x)
+  useful, executed, c = analytic_flops(a, e, router, k, engine, layer, x)
   ms, ds = statistics.median(tm), statistics.median(td)
-  return dict(E=e, router=router, k=k, engine=engine, moe_ms=1e3 * ms, dense_ms=1e3 * ds,
+  return dict(E=e, router=router, k=k, engine=engine, S=s, C=c, moe_ms=1e3 * ms, dense_ms=1e3 * ds,
               time_ratio=ms / ds, moe_times=tm, dense_times=td, moe_cpu=cm, dense_cpu=cd,
               min_ratio=min(tm) / min(td), cpu_ratio=statistics.median(cm) / statistics.median(cd),
               moe_mem=moe_info, dense_mem=dense_info,
@@ -193,7 +203,8 @@ def measure_row(a, e, router, k, engine):
 
 
 def config_of(a):
-  keys = ('tokens', 'group_size', 'd_model', 'hidden', 'capacity_factor', 'dtype', 'tile', 'reps')
+  keys = ('tokens', 'group_size', 'soft_group_size', 'd_model', 'hidden', 'capacity_factor',
+          'dtype', 'tile', 'reps')
   return dict({k: getattr(a, k) for k in keys}, backend=jax.default_backend(),
               device=jax.devices()[0].device_kind, jax=jax.__version__, cpus=os.cpu_count(),
               machine=platform.machine(), dropless_impl=grouped.default_impl())
@@ -202,17 +213,18 @@ def config_of(a):
 def write_markdown(path, data):
   cfg = data['config']
   lines = [f"Backend {cfg['backend']} ({cfg['device']}, {cfg['cpus']} CPUs), jax {cfg['jax']}, "
-           f"{cfg['tokens']} tokens in groups of {cfg['group_size']}, d={cfg['d_model']}, "
+           f"{cfg['tokens']} tokens in groups of S={cfg['group_size']} (Soft MoE: "
+           f"{cfg['soft_group_size']}, slots = S), d={cfg['d_model']}, "
            f"h={cfg['hidden']}, {cfg['dtype']}, capacity factor {cfg['capacity_factor']}, "
            f"median of {cfg['reps']} forward+backward steps.", '',
-           '| E | router | k | engine | MoE ms | dense ms | time × | temp MiB | temp × '
+           '| E | router | k | S | C | engine | MoE ms | dense ms | time × | temp MiB | temp × '
            '| GFLOP | executed × | TFLOP/s | load |',
-           '|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           '|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   order = lambda r: (r['E'], list(ROUTER_ENGINES).index(r['router']), r['k'],
                      ENGINE_ORDER.index(r['engine']) if r['engine'] in ENGINE_ORDER else 99)
   for row in sorted(data['rows'].values(), key=order):
     lines.append(
-        f"| {row['E']} | {row['router']} | {row['k']} | {row['engine']} | {row['moe_ms']:.0f} "
+        f"| {row['E']} | {row['router']} | {row['k']} | {row['S']} | {row['C']} | {row['engine']} | {row['moe_ms']:.0f} "
         f"| {row['dense_ms']:.0f} | **{row['time_ratio']:.2f}** "
         f"| {row['moe_mem']['temp_bytes'] / 2**20:.0f} | {row['temp_ratio']:.2f} "
         f"| {row['useful_flops'] / 1e9:.1f} | {row['executed_flops'] / row['useful_flops']:.2f} "
@@ -239,9 +251,8 @@ def main(argv=None):
     engines_lib.ENGINES['dropless'] = engines_lib.DroplessEngine(tile=a.tile)
   for e in map(int, a.experts.split(',')):
     for router in a.routers.split(','):
-      for k in map(int, a.ks.split(',')):
-        if router == 'soft_moe' and k != 1:
-          continue
+      # Soft MoE has no k: one row (k=1: the dense equivalent has hidden h).
+      for k in ([1] if router == 'soft_moe' else map(int, a.ks.split(','))):
         for engine in engines:
           native = ROUTER_ENGINES[router]
           if engine not in native and not (engine in ABLATION_ENGINES and router == 'tokens_choice'):

@@ -64,7 +64,7 @@ ENGINES_FOR = {
     'top2_drops': ('einsum', 'gather', 'gather_scatter', 'gather_batched'),
     'top2_nodrop': ('einsum', 'gather', 'dropless'),
     'experts_choice': ('einsum', 'gather', 'gather_scatter', 'dropless'),
-    'soft_moe': ('einsum', 'dropless'),
+    'soft_moe': ('einsum', 'gather', 'dropless'),
 }
 
 
@@ -168,7 +168,7 @@ def test_moe_layer_runs_every_engine(x):
     layers.MoeLayer(D, E, H, engine=name, rngs=nnx.Rngs(1))   # constructs
 
 
-@pytest.mark.parametrize('k,impl,tile', [(2, 'blocks', 4), (1, 'blocks', 64), (2, 'ragged', None)])
+@pytest.mark.parametrize('k,impl,tile', [(2, 'blocks', 4), (1, 'ragged', None)])
 def test_dropless_maximally_unbalanced(k, impl, tile):
   """Every token picks the same k experts: nothing is dropped, and outputs and gradients
   match autodiff of a per-token reference."""

@@ -9,6 +9,11 @@ the backward of "token reads its K slots" is "slot reads its one token" (custom 
 in `rows.py`). A scatter-add would serialise on XLA:CPU. Without a token-side view
 (expert choice: a token sits in 0..E slots) combine is a scatter-add and dispatch
 differentiates into one.
+
+`apply` runs an `Experts` module on the buffer in blocks of at most 256 rows on CPU
+(`grouped.py`), whose activations stay in cache; elsewhere one batched einsum. Dense
+(Soft MoE) routings keep the einsum engine's dispatch and combine and get the same
+expert loop.
 """
 from __future__ import annotations
 
@@ -69,7 +74,8 @@ def buffer_tile(rows: int, max_tile: int = 256) -> int:
 
 
 class GatherEngine(EinsumEngine):
-  """Buffer engine by index; dense routings go to the einsum engine.
+  """Buffer engine by index. Dense routings (Soft MoE) use the einsum engine's dispatch
+  and combine, which are dense by nature, and this engine's expert loop.
 
   Args:
     combine: 'gather' (default; each token gathers its K slots, needs the token-side
@@ -96,7 +102,7 @@ class GatherEngine(EinsumEngine):
     impl = self.experts_impl
     if impl == 'auto':
       impl = 'blocks' if grouped.default_impl() == 'blocks' else 'batched'
-    if not r.is_sparse or impl == 'batched' or not hasattr(expert_fn, 'apply_grouped'):
+    if impl == 'batched' or not hasattr(expert_fn, 'apply_grouped'):
       return super().apply(x, r, expert_fn)
     buf = self.dispatch(x, r)
     e, g, c, d = buf.shape
