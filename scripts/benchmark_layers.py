@@ -42,8 +42,13 @@ ROUTER_ENGINES = {   # router -> engines that run it natively (others delegate)
     'experts_choice': ('einsum', 'gather'),
     'soft_moe': ('einsum', 'gather'),     # gather: einsum dispatch/combine, expert blocks
 }
-ENGINE_ORDER = ['einsum', 'gather', 'gather_scatter', 'dropless']
-ABLATION_ENGINES = {'gather_scatter': engines_lib.GatherEngine(combine='scatter')}
+ENGINE_ORDER = ['einsum', 'gather', 'gather_scatter', 'gather_batched', 'dropless', 'dropless_ragged']
+# --ablation: token choice only; name -> (engine, largest E to run it at).
+ABLATION_ENGINES = {
+    'gather_scatter': (engines_lib.GatherEngine(combine='scatter'), 1 << 30),
+    'gather_batched': (engines_lib.GatherEngine(experts_impl='batched'), 1 << 30),
+    'dropless_ragged': (engines_lib.DroplessEngine(impl='ragged'), 8),   # E x FLOPs on CPU
+}
 
 
 def parse_args(argv=None):
@@ -66,6 +71,8 @@ def parse_args(argv=None):
   p.add_argument('--capacity-factor', type=float, default=1.25)
   p.add_argument('--dtype', default='bfloat16' if gpu else 'float32')
   p.add_argument('--tile', type=int, default=None, help='dropless block height (default: auto)')
+  p.add_argument('--dropless-impl', default='auto', choices=grouped.IMPLS,
+                 help="dropless grouped MLP: 'auto' (ragged_dot on GPU/TPU, blocks on CPU)")
   p.add_argument('--reps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--force', action='store_true', help='re-measure rows already in the JSON')
@@ -154,7 +161,7 @@ def analytic_flops(a, e, router, k, engine, layer, x):
     if engine == 'einsum':
       extra = 2 * 2 * t * e * c * d
     elif engine == 'dropless':
-      eng = engines_lib.DroplessEngine(tile=a.tile)
+      eng = engines_lib.get_engine('dropless')
       lay = eng.layout(r, e)
       if lay['tile']:
         rows = int(jnp.sum((lay['group_sizes'] + lay['tile'] - 1) // lay['tile'])) * lay['tile']
@@ -204,10 +211,10 @@ def measure_row(a, e, router, k, engine):
 
 def config_of(a):
   keys = ('tokens', 'group_size', 'soft_group_size', 'd_model', 'hidden', 'capacity_factor',
-          'dtype', 'tile', 'reps')
+          'dtype', 'tile', 'dropless_impl', 'reps')
   return dict({k: getattr(a, k) for k in keys}, backend=jax.default_backend(),
               device=jax.devices()[0].device_kind, jax=jax.__version__, cpus=os.cpu_count(),
-              machine=platform.machine(), dropless_impl=grouped.default_impl())
+              machine=platform.machine(), default_impl=grouped.default_impl())
 
 
 def write_markdown(path, data):
@@ -246,16 +253,19 @@ def main(argv=None):
       sys.exit(f'{stem}.json was measured with another configuration; delete it or use --out.')
     data['rows'] = old['rows']
   engines = a.engines.split(',') + (list(ABLATION_ENGINES) if a.ablation else [])
-  engines_lib.ENGINES.update({n: ABLATION_ENGINES[n] for n in engines if n in ABLATION_ENGINES})
-  if a.tile:
-    engines_lib.ENGINES['dropless'] = engines_lib.DroplessEngine(tile=a.tile)
+  engines_lib.ENGINES.update({n: ABLATION_ENGINES[n][0] for n in engines if n in ABLATION_ENGINES})
+  if a.tile or a.dropless_impl != 'auto':
+    engines_lib.ENGINES['dropless'] = engines_lib.DroplessEngine(impl=a.dropless_impl, tile=a.tile)
   for e in map(int, a.experts.split(',')):
     for router in a.routers.split(','):
       # Soft MoE has no k: one row (k=1: the dense equivalent has hidden h).
       for k in ([1] if router == 'soft_moe' else map(int, a.ks.split(','))):
         for engine in engines:
           native = ROUTER_ENGINES[router]
-          if engine not in native and not (engine in ABLATION_ENGINES and router == 'tokens_choice'):
+          ablation = engine in ABLATION_ENGINES and router == 'tokens_choice'
+          if engine not in native and not ablation:
+            continue
+          if ablation and e > ABLATION_ENGINES[engine][1] and jax.default_backend() == 'cpu':
             continue
           key = row_key(e, router, k, engine)
           if key in data['rows'] and not a.force:
