@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) scripts/benchmark_layers.py --out benchmarks $(BENCH_ARGS)
+	$(PY) scripts/benchmark_layers.py --out benchmarks --ablation $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
