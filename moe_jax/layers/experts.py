@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers.engines.grouped import grouped_mlp
+from moe_jax.parallel.sharding import sharded_param
 
 Array = jax.Array
 
@@ -29,24 +30,35 @@ class Experts(nnx.Module):
   `y = W_out · (act(W_gate · x) * (W_in · x)) + b_out` (GEGLU / SwiGLU, Shazeer 2020).
 
   Params: `w_in` [E, d, h], `w_gate` [E, d, h] (GLU only), `w_out` [E, h, d],
-  `b_in` [E, h], `b_out` [E, d] (when `use_bias`).
+  `b_in` [E, h], `b_out` [E, d] (when `use_bias`). Each carries `out_sharding`
+  metadata (E over the 'expert' mesh axis, h over 'model'): built under
+  `jax.set_mesh(mesh)` it is created sharded, see `moe_jax.parallel.sharding`.
+  `shard_experts=False` replicates them instead, with no annotation (e.g. always-on
+  shared experts that run outside the expert-parallel exchange).
   """
 
   def __init__(self, num_experts: int, d_model: int, hidden: int, *, activation: str = 'gelu',
                glu: bool = False, use_bias: bool = True, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, shard_experts: bool = True, rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}')
     self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
     self.activation, self.glu, self.use_bias, self.dtype = activation, glu, use_bias, dtype
     init = expert_kernel_init()
-    self.w_in = nnx.Param(init(rngs.params(), (num_experts, d_model, hidden), param_dtype))
-    self.w_gate = (nnx.Param(init(rngs.params(), (num_experts, d_model, hidden), param_dtype))
+    # Expert parallelism: E over the 'expert' mesh axis, h over 'model' (moe_jax.parallel).
+    spec = lambda *axes: axes if shard_experts else None
+    self.w_in = sharded_param(init(rngs.params(), (num_experts, d_model, hidden), param_dtype),
+                              spec('expert', None, 'model'), what='experts.w_in')
+    self.w_gate = (sharded_param(init(rngs.params(), (num_experts, d_model, hidden), param_dtype),
+                                 spec('expert', None, 'model'), what='experts.w_gate')
                    if glu else nnx.data(None))
-    self.w_out = nnx.Param(init(rngs.params(), (num_experts, hidden, d_model), param_dtype))
+    self.w_out = sharded_param(init(rngs.params(), (num_experts, hidden, d_model), param_dtype),
+                               spec('expert', 'model', None), what='experts.w_out')
     if use_bias:
-      self.b_in = nnx.Param(jnp.zeros((num_experts, hidden), param_dtype))
-      self.b_out = nnx.Param(jnp.zeros((num_experts, d_model), param_dtype))
+      self.b_in = sharded_param(jnp.zeros((num_experts, hidden), param_dtype),
+                                spec('expert', 'model'), what='experts.b_in')
+      self.b_out = sharded_param(jnp.zeros((num_experts, d_model), param_dtype),
+                                 spec('expert', None), what='experts.b_out')
     else:
       self.b_in = self.b_out = nnx.data(None)
 

@@ -10,6 +10,11 @@
 Routing groups: by default one group per example (G = B, the group is a sequence or an
 image). `group_size=n` instead regroups the B·S tokens into groups of n (V-MoE routes
 groups of several images).
+
+Under `jax.set_mesh(mesh)` with a (`data`, `expert`, `model`) mesh of several devices the
+layer runs expert-parallel (`moe_jax.parallel.expert_parallel`): each device routes its
+own examples, all_to_all sends expert slots to the devices holding the experts. Same
+numbers as on one device.
 """
 from __future__ import annotations
 
@@ -20,8 +25,15 @@ from flax import nnx
 from moe_jax.layers.engines import get_engine
 from moe_jax.layers.experts import Experts
 from moe_jax.layers.registry import get_router_class
+from moe_jax.parallel import expert_parallel
 
 Array = jax.Array
+
+
+def _permute(a: Array, perm: Array) -> Array:
+  """a: [G, S, ...] -> the same shape with its G·S tokens in the order `perm` [G·S]."""
+  g, s = a.shape[:2]
+  return a.reshape(g * s, *a.shape[2:])[perm].reshape(a.shape)
 
 
 class MoeLayer(nnx.Module):
@@ -39,12 +51,16 @@ class MoeLayer(nnx.Module):
     group_size: tokens per routing group; None = one group per example.
     dtype: compute dtype of the experts (None: the input's). Routing stays float32.
     rngs: `nnx.Rngs`.
+    num_shared_experts: experts applied to every token, unweighted, their outputs added
+      to the routed output (DeepSeekMoE / V3 "shared experts"; default 0).
+    shared_expert_hidden: hidden width of each shared expert (default `expert_hidden`).
   """
 
   def __init__(self, d_model: int, num_experts: int, expert_hidden: int, *,
                router: str = 'tokens_choice', router_kwargs: dict | None = None,
                engine: str = 'gather', activation: str = 'gelu', glu: bool = False,
-               group_size: int | None = None, dtype=None, rngs: nnx.Rngs):
+               group_size: int | None = None, dtype=None, rngs: nnx.Rngs,
+               num_shared_experts: int = 0, shared_expert_hidden: int | None = None):
     if num_experts < 1:
       raise ValueError(f'num_experts must be >= 1, got {num_experts}.')
     self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
@@ -54,6 +70,13 @@ class MoeLayer(nnx.Module):
     self.router = router_cls(d_model, num_experts, rngs=rngs, **dict(router_kwargs or {}))
     self.experts = Experts(num_experts, d_model, expert_hidden, activation=activation, glu=glu,
                            dtype=dtype, rngs=rngs)
+    if num_shared_experts < 0:
+      raise ValueError(f'num_shared_experts must be >= 0, got {num_shared_experts}.')
+    self.shared_experts = nnx.data(None)
+    if num_shared_experts:
+      self.shared_experts = Experts(num_shared_experts, d_model,
+                                    shared_expert_hidden or expert_hidden, activation=activation,
+                                    glu=glu, dtype=dtype, shard_experts=False, rngs=rngs)
 
   @property
   def is_causal(self) -> bool:
@@ -75,8 +98,37 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'MoeLayer expects x of shape [B, S, {self.d_model}], got {x.shape}.')
     if self.router.needs_token_ids and token_ids is None:
       raise ValueError(f'router {self.router_name!r} needs token_ids: call layer(x, token_ids=ids).')
+    mesh = expert_parallel.active_mesh()
+    if mesh is not None:
+      y, aux = expert_parallel.moe_layer_apply(self, x, token_ids, mesh)
+    else:
+      y, r = self.route_and_apply(x, token_ids, self.router, self.experts)
+      aux = dict(losses=r.aux_losses, metrics=r.metrics)
+    if self.shared_experts is not None:
+      # Shared experts see every token and are replicated, so they stay outside shard_map.
+      y = y + self._shared(x).astype(y.dtype)
+    return y, aux
+
+  def route_and_apply(self, x: Array, token_ids: Array | None, router, expert_fn):
+    """Routes and runs experts: x [B, S, d] -> (y [B, S, d], Routing).
+
+    Shared by the single-device path and, on each device's examples, the expert-parallel
+    one (which passes its router copy and an `expert_fn` that does the all_to_alls).
+    """
     xg = self._group(x)
     ids = None if token_ids is None else self._group(token_ids)
-    r = self.router(xg, token_ids=ids)
-    y = get_engine(self.engine_name).apply(xg, r, self.experts)
-    return y.reshape(x.shape).astype(x.dtype), dict(losses=r.aux_losses, metrics=r.metrics)
+    perm = router.token_permutation(*xg.shape[:2])
+    if perm is not None:
+      xg, ids = _permute(xg, perm), (None if ids is None else _permute(ids, perm))
+    r = router(xg, token_ids=ids)
+    y = get_engine(self.engine_name).apply(xg, r, expert_fn)
+    if perm is not None:
+      y = _permute(y, jnp.argsort(perm))
+    return y.reshape(x.shape).astype(x.dtype), r
+
+  def _shared(self, x: Array) -> Array:
+    """Σ over shared experts of FFN_s(x): x [B, S, d] -> [B, S, d]."""
+    n = self.shared_experts.num_experts
+    tokens = x.reshape(1, -1, x.shape[-1])
+    out = self.shared_experts(jnp.broadcast_to(tokens, (n,) + tokens.shape[1:]))
+    return jnp.sum(out, axis=0).reshape(x.shape)

@@ -13,6 +13,8 @@ Class attributes read by models and configs:
 """
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +31,27 @@ def router_kernel_init(scale: float = 0.1):
   normal(2e-2) is the same order of magnitude for d ~ 256-768.
   """
   return jax.nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal')
+
+
+def check_capacity_factors(name: str, capacity_factor, eval_capacity_factor):
+  """Raises at construction, not at the first call, on a non-positive factor."""
+  for label, cf in (('capacity_factor', capacity_factor),
+                    ('eval_capacity_factor', eval_capacity_factor)):
+    if cf is not None and not cf > 0:
+      raise ValueError(f'{name}: {label} must be > 0, got {cf!r}.')
+
+
+def check_routing_kwargs(router_cls, fn, kwargs: dict):
+  """Rejects router_kwargs that neither the router nor `fn` takes (a typo would
+  otherwise surface only at the first call, or never)."""
+  def keyword_only(f):
+    params = inspect.signature(f).parameters
+    return {p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY}
+  allowed = (keyword_only(router_cls.__init__) | keyword_only(fn)) - {'rngs'}
+  unknown = sorted(set(kwargs) - allowed)
+  if unknown:
+    raise TypeError(f'{router_cls.__name__} got unknown router_kwargs {unknown}; '
+                    f'valid ones: {sorted(allowed)}.')
 
 
 class LinearGate(nnx.Module):
@@ -52,6 +75,11 @@ class Router(nnx.Module):
   @property
   def is_causal(self) -> bool:
     return self.causal
+
+  def token_permutation(self, num_groups: int, num_tokens: int) -> Array | None:
+    """Optional [G·S] permutation of all tokens, applied before routing and undone after
+    the combine (BASE's shuffle across the batch); None (default) keeps the groups."""
+    return None
 
   def _init_noise(self, noise_std: float, rngs: nnx.Rngs):
     self.noise_std = noise_std
@@ -79,9 +107,12 @@ class TokensChoiceRouter(Router):
                noise_std: float = 0.0, init_scale: float = 0.1, **routing_kwargs):
     if not 1 <= k <= num_experts:
       raise ValueError(f'k={k} must be between 1 and num_experts={num_experts}.')
+    check_capacity_factors('tokens_choice', capacity_factor, eval_capacity_factor)
+    check_routing_kwargs(type(self), routing.tokens_choice, routing_kwargs)
     self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
     self.k, self.capacity_factor = k, capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                 else eval_capacity_factor)
     self.routing_kwargs = dict(routing_kwargs)
     self._init_noise(noise_std, rngs)
 
@@ -107,9 +138,12 @@ class ExpertsChoiceRouter(Router):
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
                capacity_factor: float = 2.0, eval_capacity_factor: float | None = None,
                noise_std: float = 0.0, init_scale: float = 0.1, **routing_kwargs):
+    check_capacity_factors('experts_choice', capacity_factor, eval_capacity_factor)
+    check_routing_kwargs(type(self), routing.experts_choice, routing_kwargs)
     self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
     self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                 else eval_capacity_factor)
     self.routing_kwargs = dict(routing_kwargs)
     self._init_noise(noise_std, rngs)
 
@@ -149,7 +183,13 @@ class SoftMoeRouter(Router):
       if num_tokens is None:
         raise ValueError('soft_moe with capacity_factor needs num_tokens (tokens per group) '
                          'to size Φ; or pass num_slots instead.')
-      num_slots = max(1, int(round(capacity_factor * num_tokens / num_experts)))
+      # vmoe: round(cf·S/E), and an error (not a silent 1) when that is 0.
+      num_slots = int(round(capacity_factor * num_tokens / num_experts))
+      if num_slots < 1:
+        raise ValueError(f'soft_moe: capacity_factor={capacity_factor} with '
+                         f'num_tokens={num_tokens} and {num_experts} experts gives '
+                         'round(cf·S/E) = 0 slots per expert; raise capacity_factor or pass '
+                         'num_slots.')
     if not num_slots or num_slots < 1:
       raise ValueError(f'soft_moe needs num_slots >= 1 or a capacity_factor, got {num_slots!r}.')
     self.num_experts, self.num_slots, self.normalize = num_experts, num_slots, normalize

@@ -89,9 +89,11 @@ def tokens_choice(logits: Array, *, k: int = 1, capacity_factor: float | None = 
                                 min_capacity=min_capacity)
   probs = jax.nn.softmax(logits, axis=-1)
   weight, expert_index = jax.lax.top_k(probs, k)                    # [G, S, K]
+  # BPR priority is the top-1 router probability (V-MoE §3.1), taken before any
+  # renormalisation: with k=1 the renormalised weights are all 1 and carry no order.
+  priority = jax.lax.stop_gradient(weight[..., 0]) if batch_priority else None
   if renormalize:
     weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
-  priority = jax.lax.stop_gradient(weight[..., 0]) if batch_priority else None
   raw = dict(load_balancing=losses_lib.load_balancing_loss(probs, expert_index, count=balance_count),
              router_z=losses_lib.router_z_loss(logits),
              importance=losses_lib.importance_loss(probs))
