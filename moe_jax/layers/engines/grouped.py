@@ -60,6 +60,28 @@ def expert_blocks(group_sizes: Array, tile: int) -> tuple[Array, Array]:
   return jnp.cumsum(blocks) - blocks, blocks
 
 
+def _varying_like(z: Array, *refs) -> Array:
+  """z, cast to vary over the manual mesh axes any of `refs` (pytrees) vary over.
+
+  Inside `shard_map` a loop carry must keep its varying axes from one step to the next;
+  zeros start invariant, so they take those of the arrays written into them. Identity
+  outside shard_map.
+  """
+  axes = set().union(*(_varying(r) for r in jax.tree.leaves(refs))) - _varying(z)
+  return jax.lax.pcast(z, tuple(sorted(axes)), to='varying') if axes else z
+
+
+def _varying(a) -> set:
+  return set(getattr(getattr(jax.typeof(a), 'manual_axis_type', None), 'varying', ()))
+
+
+def _sum_to(g: Array, primal: Array) -> Array:
+  """A cotangent summed over the manual axes it varies over and its primal does not
+  (the primal was implicitly broadcast there), as custom VJPs must return."""
+  axes = _varying(g) - _varying(primal)
+  return jax.lax.psum(g, tuple(sorted(axes))) if axes else g
+
+
 @functools.lru_cache(maxsize=None)
 def _block_mlp(tile: int, activation: str, glu: bool):
   """The custom-VJP block loop for one (tile, activation, glu).
@@ -95,9 +117,8 @@ def _block_mlp(tile: int, activation: str, glu: bool):
         g_all = jax.lax.dynamic_update_slice_in_dim(g_all, gate, start, 0)
       return y, h_all, g_all
 
-    carry = (jnp.zeros((length, p['w_out'].shape[-1]), x.dtype),
-             jnp.zeros((length, hidden), x.dtype),
-             jnp.zeros((length, hidden), x.dtype) if glu else None)
+    zeros = lambda n: _varying_like(jnp.zeros((length, n), x.dtype), p, x)
+    carry = (zeros(p['w_out'].shape[-1]), zeros(hidden), zeros(hidden) if glu else None)
     return expert_loop(p, first, count, body, carry)
 
   @jax.custom_vjp
@@ -143,15 +164,18 @@ def _block_mlp(tile: int, activation: str, glu: bool):
     def per_expert(e, carry):
       dx, grads = carry
       pe = {k: v[e] for k, v in p.items()}
-      acc = {k: jnp.zeros(v.shape[1:], acc_dtype(v)) for k, v in p.items()}
+      acc = {k: _varying_like(jnp.zeros(v.shape[1:], acc_dtype(v)), p, x, dy)
+             for k, v in p.items()}
       dx, acc = jax.lax.fori_loop(first[e], first[e] + count[e], functools.partial(body, pe, e),
                                   (dx, acc))
       grads = {k: jax.lax.dynamic_update_index_in_dim(grads[k], acc[k], e, 0) for k in grads}
       return dx, grads
 
-    grads0 = {k: jnp.zeros(v.shape, acc_dtype(v)) for k, v in p.items()}
-    dx, grads = jax.lax.fori_loop(0, first.shape[0], per_expert, (jnp.zeros_like(x), grads0))
-    return {k: grads[k].astype(p[k].dtype) for k in grads}, dx, None, None
+    grads0 = {k: _varying_like(jnp.zeros(v.shape, acc_dtype(v)), p, x, dy) for k, v in p.items()}
+    dx0 = _varying_like(jnp.zeros_like(x), p, x, dy)
+    dx, grads = jax.lax.fori_loop(0, first.shape[0], per_expert, (dx0, grads0))
+    return ({k: _sum_to(grads[k].astype(p[k].dtype), p[k]) for k in grads}, _sum_to(dx, x),
+            None, None)
 
   mlp.defvjp(mlp_fwd, mlp_bwd)
   return mlp
