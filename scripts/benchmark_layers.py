@@ -16,7 +16,9 @@ is kept in the JSON).
 
 Rows are written to `<out>/layers_<backend>.json` as soon as they are measured; a
 rerun skips the rows already there (`--force` re-measures), so the run can resume.
-`<out>/layers_<backend>.md` is regenerated from the JSON at the end.
+`<out>/layers_<backend>.md` is regenerated from the JSON at the end: the table, then the
+issue's targets (ratios to the dense-equivalent in the same run), each marked met / not
+met / not measured.
 """
 from __future__ import annotations
 
@@ -225,8 +227,8 @@ def write_markdown(path, data):
            f"h={cfg['hidden']}, {cfg['dtype']}, capacity factor {cfg['capacity_factor']}, "
            f"median of {cfg['reps']} forward+backward steps.", '',
            '| E | router | k | S | C | engine | MoE ms | dense ms | time × | temp MiB | temp × '
-           '| GFLOP | executed × | TFLOP/s | load |',
-           '|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+           '| peak MiB | GFLOP | executed × | TFLOP/s | load |',
+           '|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   order = lambda r: (r['E'], list(ROUTER_ENGINES).index(r['router']), r['k'],
                      ENGINE_ORDER.index(r['engine']) if r['engine'] in ENGINE_ORDER else 99)
   for row in sorted(data['rows'].values(), key=order):
@@ -234,10 +236,45 @@ def write_markdown(path, data):
         f"| {row['E']} | {row['router']} | {row['k']} | {row['S']} | {row['C']} | {row['engine']} | {row['moe_ms']:.0f} "
         f"| {row['dense_ms']:.0f} | **{row['time_ratio']:.2f}** "
         f"| {row['moe_mem']['temp_bytes'] / 2**20:.0f} | {row['temp_ratio']:.2f} "
-        f"| {row['useful_flops'] / 1e9:.1f} | {row['executed_flops'] / row['useful_flops']:.2f} "
+        f"| {row['moe_mem']['peak_bytes'] / 2**20:.0f} | {row['useful_flops'] / 1e9:.1f} | {row['executed_flops'] / row['useful_flops']:.2f} "
         f"| {row['tflops']:.3f} | {row['load'][0]:.1f} |")
+  lines += ['', '**Targets** (issue 5; ratios to the dense-equivalent of the same run):', '']
+  lines += [f'- {text}: {verdict}' for text, verdict in targets(data['rows'])]
   with open(path, 'w') as f:
     f.write('\n'.join(lines) + '\n')
+
+
+def targets(rows: dict) -> list[tuple[str, str]]:
+  """[(target, 'met (...)' | 'NOT met (...)' | 'not measured')] for the issue's targets.
+
+  "Best engine" is the fastest engine of a (E, router, k), ablation variants included.
+  Memory is compared on the compiled step's temp bytes (activations, scratch): the
+  MoE's parameters and gradients are E/k times the dense-equivalent's by design, so
+  the peak including them (the JSON's peak_bytes, the table's peak MiB) says nothing
+  about the engines.
+  """
+  def best(e, router, k):
+    cands = [r for r in rows.values() if (r['E'], r['router'], r['k']) == (e, router, k)]
+    return min(cands, key=lambda r: r['time_ratio']) if cands else None
+
+  def check(text, found, limit, value=lambda r: r['time_ratio'], unit='x time'):
+    if not found or any(r is None for _, r in found):
+      return text, 'not measured'
+    parts = ', '.join(f'{label} {value(r):.2f}{unit} ({r["engine"]})' for label, r in found)
+    ok = all(value(r) <= limit for _, r in found)
+    return text, ('met' if ok else 'NOT met') + f': {parts}'
+
+  out = [check('top-2 token choice (cf 1.25), best engine <= 1.5x at E = 8, 64, 256',
+               [(f'E={e}', best(e, 'tokens_choice', 2)) for e in (8, 64, 256)], 1.5)]
+  dropless = [(f'E={e} k={k}', rows.get(row_key(e, 'tokens_choice', k, 'dropless')))
+              for e in (8, 64) for k in (1, 2)]
+  out.append(check('dropless <= 1.3x at E = 8, 64', dropless, 1.3))
+  out.append(check('Soft MoE (slots = tokens), best engine <= 1.5x',
+                   [(f'E={e}', best(e, 'soft_moe', 1)) for e in (8, 64, 256)], 1.5))
+  out.append(check('best engine (top-2 token choice) activation memory <= 2x dense at E = 256',
+                   [('E=256', best(256, 'tokens_choice', 2))], 2.0,
+                   value=lambda r: r['temp_ratio'], unit='x temp'))
+  return out
 
 
 def main(argv=None):
@@ -279,6 +316,8 @@ def main(argv=None):
             json.dump(data, f, indent=1)
           os.replace(stem + '.json.tmp', stem + '.json')
   write_markdown(stem + '.md', data)
+  for text, verdict in targets(data['rows']):
+    print(f'{text}: {verdict}')
   print(f'wrote {stem}.json and {stem}.md')
 
 
