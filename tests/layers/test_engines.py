@@ -277,6 +277,8 @@ def test_errors_are_clear():
     engines.get_engine('magic')
   with pytest.raises(ValueError, match='impl must be one of'):
     engines.DroplessEngine(impl='fast')
+  with pytest.raises(ValueError, match="impl must be 'auto', 'ragged'"):
+    engines.DroplessEngine(exchange='fast')
   with pytest.raises(ValueError, match='combine must be one of'):
     engines.GatherEngine(combine='sum')
   with pytest.raises(NotImplementedError, match='engine="gather"'):
