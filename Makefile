@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: venv test demo bench data clean
 
@@ -41,6 +42,8 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(PY) -m moe_jax.train.main --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) scripts/plot_curves.py $(DEMO_DIR)
+bench: $(STAMP)
+	$(PY) scripts/benchmark_layers.py --out benchmarks --ablation $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

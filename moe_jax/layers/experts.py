@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.layers.engines.grouped import grouped_mlp
 from moe_jax.parallel.sharding import sharded_param
 
 Array = jax.Array
@@ -85,6 +86,24 @@ class Experts(nnx.Module):
     if params.get('b_out') is not None:
       y = y + params['b_out'].astype(dtype)[:, None, :]
     return y
+
+  def apply_grouped(self, params: dict, x: Array, group_sizes: Array, *, impl: str = 'auto',
+                    tile: int | None = None) -> Array:
+    """The MLP on rows grouped by expert (dropless engine); see `engines.grouped`.
+
+    Args:
+      params: as in `apply_weights` (leading axis E).
+      x: [L, d] rows grouped by expert in the layout of `impl` (contiguous for
+        'ragged', tile-aligned blocks for 'blocks').
+      group_sizes: [E] int32 rows per expert.
+      impl, tile: see `engines.grouped.grouped_mlp`.
+    Returns:
+      [L, d] in the compute dtype.
+    """
+    dtype = self.dtype or x.dtype
+    p = {n: v.astype(dtype) for n, v in params.items() if v is not None}
+    return grouped_mlp(p, x.astype(dtype), group_sizes, activation=self.activation, glu=self.glu,
+                       impl=impl, tile=tile)
 
   def params_dict(self) -> dict:
     names = ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')

@@ -10,7 +10,10 @@ Per device, inside the shard_map (the same code as on one device, on local group
     all_to_all('expert')   -> [E, G_local, C, d] back to the tokens' devices
     engine.combine         -> y_local [B/n_b, S, d]
 
-with n_b = |data|·|expert| and n_e = |expert|. Aux losses and metrics are reduced over
+with n_b = |data|·|expert| and n_e = |expert|. The dropless engine has no fixed-size
+buffer: it receives a `LocalExperts` instead of an expert function and exchanges its
+expert-sorted rows itself (`parallel.ragged`: ragged_all_to_all on GPU/TPU, a padded
+all_to_all on CPU). Aux losses and metrics are reduced over
 the batch axes (`collectives.global_routing_stats`), router parameters are replicated
 (shard_map's check_vma sums their gradients over devices), non-gradient router state
 must come out identical on every device (see `collectives.global_mean`), and logit-noise
@@ -32,6 +35,37 @@ from moe_jax.parallel import sharding as sharding_lib
 
 # Engines whose buffer is [E, G, C, d] with a fixed C: all_to_all moves it as is.
 CAPACITY_ENGINES = ('einsum', 'gather')
+# Engines that take a `LocalExperts` and exchange variable-size row groups themselves.
+ROW_ENGINES = ('dropless',)
+
+
+class LocalExperts:
+  """This device's experts inside the layer's shard_map, for ROW_ENGINES.
+
+  Attributes:
+    num_experts: E, the global expert count (rows are sorted by global expert id).
+    expert_axis: mesh axis the experts are split over, None when it has size 1.
+    expert_axis_size: its size n.
+    model_axis: mesh axis splitting the experts' hidden width (partial sums to psum),
+      None when it has size 1.
+    buffer_fn: `[E, N, d] -> [E, N, d]` with the all_to_all exchange, for routings that
+      the engine hands to a buffer engine.
+  """
+
+  def __init__(self, experts, params: dict, buffer_fn, expert_axis, expert_axis_size: int,
+               model_axis):
+    self._experts, self._params, self.buffer_fn = experts, params, buffer_fn
+    self.num_experts = experts.num_experts
+    self.expert_axis, self.expert_axis_size = expert_axis, expert_axis_size
+    self.model_axis = model_axis
+
+  def params_dict(self) -> dict:
+    """Local shards: leading axis E / n, hidden axis h / |model|."""
+    return dict(self._params)
+
+  def apply_grouped(self, params, x, group_sizes, **kwargs):
+    """`Experts.apply_grouped` with this device's params."""
+    return self._experts.apply_grouped(params, x, group_sizes, **kwargs)
 
 
 def active_mesh():
@@ -53,10 +87,10 @@ def check_layer_fits(layer, x_shape, mesh, *, local: bool = False) -> None:
 
   `local`: x is already one device's block (inside a shard_map).
   """
-  if layer.engine_name not in CAPACITY_ENGINES:
+  if layer.engine_name not in CAPACITY_ENGINES + ROW_ENGINES:
     raise NotImplementedError(
-        f'engine {layer.engine_name!r} has no expert-parallel form yet; under a mesh use one of '
-        f'{CAPACITY_ENGINES} (the dropless exchange is parallel.ragged_dispatch/ragged_return).')
+        f'engine {layer.engine_name!r} has no expert-parallel form; under a mesh use one of '
+        f'{CAPACITY_ENGINES + ROW_ENGINES}.')
   n_batch = 1 if local else mesh_lib.num_batch_shards(mesh)
   if x_shape[0] % n_batch:
     raise ValueError(
@@ -137,6 +171,10 @@ def moe_layer_apply(layer, x, token_ids, mesh):
     expert_fn = lambda buf: local_experts(eparams, buf)
     if n_exp > 1:
       expert_fn = collectives.expert_all_to_all(expert_fn)
+    if layer.engine_name in ROW_ENGINES:
+      expert_fn = LocalExperts(layer.experts, eparams, expert_fn,
+                               mesh_lib.EXPERT if n_exp > 1 else None, n_exp,
+                               mesh_lib.MODEL if has_model else None)
     y, r = layer.route_and_apply(x, token_ids, router, expert_fn)
     _, _, new_state = nnx.split(router, nnx.Param, ...)
     new_state = _restore_keys(new_state, state)

@@ -1,0 +1,40 @@
+"""The `einsum` engine: one-hot / dense dispatch and combine over `[G, S, E, C]`.
+
+The vmoe / flaxformer baseline and the reference the other engines are tested against.
+Its dispatch and combine are matmuls against mostly-zero `[G, S, E, C]` tensors:
+memory and FLOPs grow as k·CF·S² per group, whatever E. The only engine that runs
+dense (Soft MoE) routings, which every other engine hands to it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.routing import Routing
+
+Array = jax.Array
+ExpertFn = Callable[[Array], Array]   # [E, N, d] -> [E, N, d]
+
+
+class EinsumEngine:
+  """Buffer engine: `dispatch` -> experts on `[E, G·C, d]` -> `combine`."""
+  name = 'einsum'
+
+  def dispatch(self, x: Array, r: Routing) -> Array:
+    """x: [G, S, d] -> [E, G, C, d]."""
+    dispatch, _ = r.dense()
+    return jnp.einsum('gsec,gsd->egcd', dispatch.astype(x.dtype), x)
+
+  def combine(self, buf: Array, r: Routing) -> Array:
+    """buf: [E, G, C, d] -> [G, S, d]."""
+    _, combine = r.dense()
+    return jnp.einsum('gsec,egcd->gsd', combine.astype(buf.dtype), buf)
+
+  def apply(self, x: Array, r: Routing, expert_fn: ExpertFn) -> Array:
+    """x: [G, S, d] -> [G, S, d] through experts `expert_fn` ([E, N, d] -> [E, N, d])."""
+    buf = self.dispatch(x, r)
+    e, g, c, d = buf.shape
+    out = expert_fn(buf.reshape(e, g * c, d)).reshape(e, g, c, -1)
+    return self.combine(out, r).astype(x.dtype)
