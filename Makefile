@@ -42,6 +42,7 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(PY) -m moe_jax.train.main --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) scripts/plot_curves.py $(DEMO_DIR)
+
 bench: $(STAMP)
 	$(PY) scripts/benchmark_layers.py --out benchmarks --ablation $(BENCH_ARGS)
 
