@@ -217,9 +217,10 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
     logging.info('Stopped at step %d of %d; rerun the same command to resume.', step, num_steps)
     return None
   results = _results(config, meta, params, step_flops, compile_s, data)
-  with open(os.path.join(workdir, RESULTS + '.tmp'), 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(os.path.join(workdir, RESULTS + '.tmp'), os.path.join(workdir, RESULTS))
+  if jax.process_index() == 0:   # one writer for the shared workdir
+    with open(os.path.join(workdir, RESULTS + '.tmp'), 'w') as f:
+      json.dump(results, f, indent=1)
+    os.replace(os.path.join(workdir, RESULTS + '.tmp'), os.path.join(workdir, RESULTS))
   logging.info('Final: %s', {k: v for k, v in results['final'].items()})
   return results
 

@@ -15,7 +15,7 @@ def losses():
 @pytest.mark.xdist_group('parallel_trainer_losses')
 @pytest.mark.parametrize('name', LOSSES)
 def test_mesh_training_matches_one_device(losses, name):
-  """3 steps of a tiny ViT on mesh (data=2, expert=4) log the 1-device losses (1e-4)."""
+  """4 steps of a tiny ViT on mesh (data=2, expert=4) log the 1-device losses (1e-4)."""
   assert set(LOSSES) <= set(losses), sorted(losses)
   assert losses[name] == 'ok', losses[name]
 
