@@ -9,7 +9,7 @@ from scripts.compare_mesh_losses import ROUTERS, compare
 from tests.parallel._harness import run_checks
 from tests.train.vit_helpers import mock_fashion_mnist
 
-STEPS = 4   # warmup 1: step 1 runs at learning rate 0, so 3 updates show in the losses
+STEPS = 4   # warmup 1: step 1 updates at learning rate 0; losses 3, 4 follow 1, 2 real updates
 
 
 def _check(router):
