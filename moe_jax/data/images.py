@@ -104,8 +104,9 @@ class ImageData:
     if cfg.augment not in AUGMENTS or (cfg.augment == 'inception_crop' and cfg.mode != 'stream'):
       raise ValueError(f'config.data.augment must be one of {AUGMENTS} (inception_crop needs '
                        f"mode='stream'), got {cfg.augment!r} with mode {cfg.mode!r}.")
-    if batch_size % jax.process_count():
-      raise ValueError(f'batch_size {batch_size} must be divisible by {jax.process_count()} processes.')
+    for name, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
+      if size % jax.process_count():
+        raise ValueError(f'{name} {size} must be divisible by {jax.process_count()} processes.')
     data_dir = ensure_prepared(cfg.name, cfg.get('data_dir') or default_data_dir(),
                                idx_dir=cfg.get('idx_dir'), download=cfg.get('download', True))
     self = cls(name=cfg.name, data_dir=data_dir, train_split=cfg.train_split,
@@ -226,7 +227,10 @@ class ImageData:
 
   # ---------------------------------------------------------------- evaluation
   def eval_batches(self) -> Iterator[dict]:
-    """The whole eval split in fixed-size batches; the last one padded, `mask` = 0 on padding."""
+    """The whole eval split in fixed-size batches; the last one padded, `mask` = 0 on padding.
+
+    On several processes each yields its rows of every global batch (as in training).
+    """
     target = self.eval_batch_size
     if self.mode == 'memory':
       images, labels = self._eval['image'], self._eval['label']
@@ -241,6 +245,10 @@ class ImageData:
       if pad:
         x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
         y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      if self.mode == 'memory' and jax.process_count() > 1:   # this process's rows
+        rows = slice(jax.process_index() * target // jax.process_count(),
+                     (jax.process_index() + 1) * target // jax.process_count())
+        x, y, mask = x[rows], y[rows], mask[rows]
       yield {'image': _to_float(x), 'label': y, 'mask': mask}
 
   def _stream_eval_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

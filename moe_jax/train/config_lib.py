@@ -87,8 +87,12 @@ def vit_base_config() -> ml_collections.ConfigDict:
   c.init_from = ml_collections.ConfigDict(dict(
       dense_workdir=config_dict.placeholder(str), mode='upcycle'))
 
-  # Device mesh (the parallel trainer fills this in; the single-device trainer needs 1, 1).
-  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1))
+  # Device mesh (see moe_jax.parallel.mesh): all 1 = one device, no mesh. E.g.
+  # --config.mesh.data=2 --config.mesh.expert=4 trains on 8 devices, experts split over
+  # `expert`, the batch over (data, expert); -1 fills an axis with the remaining devices.
+  # axis_types 'auto': the compiler propagates shardings through the model (the ViT has
+  # no sharding annotations; 'explicit' would need them on every reshape).
+  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, model=1, axis_types='auto'))
   return c
 
 
@@ -125,6 +129,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   need(m.image_size % m.patch_size == 0, 'model.patch_size',
        f'{m.patch_size} does not divide image_size {m.image_size}.')
   need(m.width % m.num_heads == 0, 'model.num_heads', f'{m.num_heads} does not divide width {m.width}.')
-  need(c.mesh.data * c.mesh.expert == 1, 'mesh',
-       f'data={c.mesh.data}, expert={c.mesh.expert}: this trainer runs on one device; '
-       'multi-device meshes come with the parallel trainer.')
+  for axis in ('data', 'expert', 'model'):
+    size = c.mesh.get(axis, 1)
+    need(size == -1 or size >= 1, f'mesh.{axis}', f'must be >= 1 or -1 (all remaining devices), '
+         f'got {size}.')

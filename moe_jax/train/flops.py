@@ -114,18 +114,24 @@ def moe_layer_xla_train_flops(layer: MoeLayer, batch: int, seq: int) -> float:
   return xla_flops(jax.grad(f, argnums=(0, 1)), params, x)
 
 
-def train_step_flops(step_xla_flops: float, model: nnx.Module, batch: int) -> dict:
+def train_step_flops(step_xla_flops: float, model: nnx.Module, batch: int, *,
+                     devices: int = 1) -> dict:
   """FLOPs of one training step on `batch` examples (see the module docstring).
 
   Args:
     step_xla_flops: XLA's count for the compiled train step (fwd + bwd + update).
     model: the ViT (its MoE layers are found through `moe_layers`).
-    batch: examples per step on this device.
+    batch: examples per step (global batch under a mesh).
+    devices: under a mesh (`jax.set_mesh`), its size: XLA then counts one device's share
+      of the SPMD program, so its counts are multiplied by `devices` (this also counts the
+      replicated optimizer update `devices` times, a small excess).
   """
   seq = model.num_tokens
   layers = {n: moe_layer_cost(l, batch, seq) for n, l in moe_layers(model).items()}
-  moe_xla = sum(moe_layer_xla_train_flops(l, batch, seq) for l in moe_layers(model).values())
+  moe_xla = devices * sum(moe_layer_xla_train_flops(l, batch, seq)
+                          for l in moe_layers(model).values())
   moe_formula = 3.0 * sum(c.forward for c in layers.values())
+  step_xla_flops = devices * step_xla_flops
   return dict(train_step=step_xla_flops - moe_xla + moe_formula, xla_train_step=step_xla_flops,
               moe_xla_train=moe_xla, moe_formula_train=moe_formula,
               layers={n: dict(dataclasses.asdict(c), forward=c.forward) for n, c in layers.items()})

@@ -2,6 +2,12 @@
 
     python -m moe_jax.train.main --config=configs/vit/fashion_mnist.py:soft_moe,tiny \
         --workdir=workdirs/fmnist_soft_tiny [--config.num_train_steps=2000 ...]
+
+On 8 devices, experts split 4 ways (every host of a TPU pod / SLURM job runs the same
+command; by hand, add --coordinator_address=HOST:PORT --num_processes=N --process_id=I):
+
+    python -m moe_jax.train.main --config=configs/vit/fashion_mnist.py:soft_moe,tiny \
+        --workdir=workdirs/fmnist_soft_tiny_8dev --config.mesh.data=2 --config.mesh.expert=4
 """
 from __future__ import annotations
 
@@ -19,6 +25,10 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and r
 flags.DEFINE_integer('stop_at_step', None, 'Stop with a checkpoint after this step (resume later).')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vit/fashion_mnist.py:soft_moe,tiny',
                                 lock_config=True)
+flags.DEFINE_string('coordinator_address', None, 'Multi-host by hand: HOST:PORT of process 0 '
+                    '(not needed on Cloud TPU VMs and under SLURM).')
+flags.DEFINE_integer('num_processes', None, 'Multi-host by hand: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host by hand: this process, 0 .. num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -33,10 +43,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  try:
-    jax.distributed.initialize()        # TPU pods, SLURM, ...
-  except (ValueError, RuntimeError):    # a plain single machine
-    pass
+  from moe_jax import parallel
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)   # TPU pods, SLURM; no-op on one host
   try:
     import tensorflow as tf             # only tf.data / tfds / summaries use it
     tf.config.set_visible_devices([], 'GPU')

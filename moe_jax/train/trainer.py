@@ -7,6 +7,10 @@
 A run resumes from its workdir's latest checkpoint with the data position restored
 (batches are a function of (seed, step)), so an interrupted run continues exactly as
 the uninterrupted one would. SIGTERM / Ctrl-C save a checkpoint and stop cleanly.
+
+`config.mesh` (see `sharded.py`) trains on a device mesh: the state is placed with
+experts over `expert`, each batch split over (`data`, `expert`), the steps traced under
+`jax.set_mesh`; a checkpoint restores onto whatever mesh the resuming run uses.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
 
 from moe_jax.data.images import ImageData
-from moe_jax.train import checkpoint, config_lib, flops, steps, upcycle, writers
+from moe_jax.train import checkpoint, config_lib, flops, sharded, steps, upcycle, writers
 from moe_jax.train.builders import build_model, build_optimizer
 
 RESULTS = 'results.json'
@@ -72,11 +76,11 @@ def restore_or_init(mngr, state, config=None) -> tuple:
   return state, None
 
 
-def evaluate(eval_step, model_state, data: ImageData) -> dict[str, float]:
+def evaluate(eval_step, model_state, data: ImageData, mesh=None) -> dict[str, float]:
   """Accuracy and loss over the whole eval split (+ routing metrics in eval mode)."""
   sums = None
   for batch in data.eval_batches():
-    out = eval_step(model_state, batch)
+    out = eval_step(model_state, sharded.put_batch(mesh, batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   sums = jax.device_get(sums)
   n = float(sums.pop('count'))
@@ -107,6 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The results dict also written to results.json, or None when stopped early.
   """
   config_lib.validate(config)
+  mesh = sharded.trainer_mesh(config)
+  with sharded.mesh_context(mesh):
+    return _train_and_evaluate(config, workdir, stop_at_step, mesh)
+
+
+def _train_and_evaluate(config, workdir, stop_at_step, mesh):
   session_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   done = load_results(workdir)
@@ -124,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config, rngs=nnx.Rngs(config.seed))
   tx, schedule = build_optimizer(config)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  sharded.place_state(mesh, model, optimizer)
   train_step = steps.make_train_step(model, optimizer, schedule,
                                      label_smoothing=config.optimizer.label_smoothing)
   eval_step = steps.make_eval_step(model)
@@ -148,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('\n%s', parameter_overview.get_parameter_overview(
         nnx.state(model, nnx.Param).to_pure_dict(), include_stats=False))
 
-  it = data.train_iterator(start)
+  it = ((s, sharded.put_batch(mesh, b)) for s, b in data.train_iterator(start))
   first = next(it)
   compile_start = time.time()
   compiled = train_step.lower(state, first[1]).compile()
@@ -157,7 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.count_flops:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    step_flops = flops.train_step_flops(float(ca.get('flops', 0.0)), model, data.local_batch_size)
+    step_flops = flops.train_step_flops(float(ca.get('flops', 0.0)), model, config.batch_size,
+                                        devices=1 if mesh is None else mesh.size)
   params = flops.param_counts(model)
   logging.info('params %s; train step %.3g FLOPs; compiled in %.1fs', params,
                step_flops['train_step'] if step_flops else float('nan'), compile_s)
@@ -183,13 +195,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         jax.block_until_ready(metrics)   # so the step's time is counted as training time
       train_time += time.time() - t0
       if log_now:
-        writer.write_scalars(step, _mean_metrics(window))
+        means = _mean_metrics(window)
+        writer.write_scalars(step, means)
+        # Every process holds the (replicated) loss: results.json of any process has the curve.
+        meta.setdefault('train_loss', []).append([step, means['train/loss']])
         window = []
       for h in hooks:
         h(step)
       if eval_now:
         with report.timed('eval'):
-          ev = evaluate(eval_step, state[0], data)
+          ev = evaluate(eval_step, state[0], data, mesh)
         ev['time/train_s'] = meta['train_time_s'] + train_time
         ev['time/process_cpu_s'] = _cpu_seconds()
         writer.write_scalars(step, ev)
@@ -209,9 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('Stopped at step %d of %d; rerun the same command to resume.', step, num_steps)
     return None
   results = _results(config, meta, params, step_flops, compile_s, data)
-  with open(os.path.join(workdir, RESULTS + '.tmp'), 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(os.path.join(workdir, RESULTS + '.tmp'), os.path.join(workdir, RESULTS))
+  if jax.process_index() == 0:   # one writer for the shared workdir
+    with open(os.path.join(workdir, RESULTS + '.tmp'), 'w') as f:
+      json.dump(results, f, indent=1)
+    os.replace(os.path.join(workdir, RESULTS + '.tmp'), os.path.join(workdir, RESULTS))
   logging.info('Final: %s', {k: v for k, v in results['final'].items()})
   return results
 
@@ -251,9 +267,9 @@ def _results(config, meta, params, step_flops, compile_s, data) -> dict:
   last_eval = meta['eval'][-1]
   train_flops = None
   if step_flops:
-    train_flops = dict(total=step_flops['train_step'] * n * jax.process_count(),
+    train_flops = dict(total=step_flops['train_step'] * n,
                        per_step=step_flops['train_step'],
-                       per_example=step_flops['train_step'] / data.local_batch_size,
+                       per_example=step_flops['train_step'] / config.batch_size,
                        xla_train_step=step_flops['xla_train_step'],
                        moe_xla_train=step_flops['moe_xla_train'],
                        moe_formula_train=step_flops['moe_formula_train'],
@@ -265,7 +281,7 @@ def _results(config, meta, params, step_flops, compile_s, data) -> dict:
       steps_per_sec=n / max(meta['train_time_s'], 1e-9), last_compile_s=compile_s,
       process_cpu_s=_cpu_seconds(),
       final={'test_accuracy': last_eval['eval/accuracy'], 'test_loss': last_eval['eval/loss']},
-      eval_history=meta['eval'],
+      eval_history=meta['eval'], train_loss=meta.get('train_loss', []),
       environment=dict(jax=jax.__version__, backend=jax.default_backend(),
                        device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
                        cpu_count=os.cpu_count(), machine=platform.machine()))

@@ -80,7 +80,7 @@ def read_jsonl(workdir: str) -> list[dict]:
 def truncate_jsonl(workdir: str, last_step: int) -> None:
   """Keeps only the records with step <= last_step (call when resuming from last_step)."""
   path = os.path.join(workdir, JSONL)
-  if not os.path.exists(path):
+  if jax.process_index() > 0 or not os.path.exists(path):   # process 0 owns the file
     return
   keep = [r for r in read_jsonl(workdir) if r['step'] <= last_step]
   with open(path + '.tmp', 'w') as f:

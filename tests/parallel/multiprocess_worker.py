@@ -1,11 +1,13 @@
-"""One process of a 2-process × 4-CPU-device job that trains a small MoE model a few steps.
+"""One process of a 2-process × 4-CPU-device job: a small MoE model, then the ViT trainer.
 
-    python tests/parallel/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT
+    python tests/parallel/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR
 
 (XLA_FLAGS=--xla_force_host_platform_device_count=4 set by the launcher.) Each process
 feeds its half of the global batch; the mesh (data=2, expert=4) spans both processes.
 Afterwards process 0 trains the same model on the whole batch on one local device (no
-mesh) as the reference. Prints one JSON line with both loss curves.
+mesh) as the reference. Then both processes run the ViT trainer (`train_and_evaluate`,
+tokens choice, mesh data=2 × expert=4, mock data, checkpoints in the shared WORKDIR).
+Prints one JSON line with the loss curves.
 """
 import json
 import sys
@@ -13,6 +15,7 @@ import sys
 from moe_jax import parallel
 
 PID, NPROC, PORT = (int(a) for a in sys.argv[1:4])
+WORKDIR = sys.argv[4]
 assert parallel.initialize_distributed(f'127.0.0.1:{PORT}', NPROC, PID) == (NPROC > 1)
 
 import jax                      # noqa: E402  (after initialize, as jax requires)
@@ -74,5 +77,16 @@ single = None
 if PID == 0:   # a purely local computation: only one process needs the reference
   with jax.default_device(jax.local_devices()[0]):
     single = train(None)
-print('RESULT:' + json.dumps(dict(process=PID, sharded=sharded, single=single)), flush=True)
+
+# The trainer, as `python -m moe_jax.train.main ... --config.mesh.data=2 --config.mesh.expert=4`
+# runs on every host: each process feeds its rows of every batch.
+from moe_jax.train.trainer import train_and_evaluate               # noqa: E402
+from scripts.compare_mesh_losses import losses, tiny_config         # noqa: E402
+from tests.train.vit_helpers import mock_fashion_mnist             # noqa: E402
+with mock_fashion_mnist():
+  res = train_and_evaluate(tiny_config('tokens_choice', 3, (2, 4)), WORKDIR)
+trainer = dict(train_loss=losses(res), test_loss=res['final']['test_loss'],
+               test_accuracy=res['final']['test_accuracy'])
+print('RESULT:' + json.dumps(dict(process=PID, sharded=sharded, single=single, trainer=trainer)),
+      flush=True)
 jax.distributed.shutdown() if NPROC > 1 else None
