@@ -124,11 +124,20 @@ def _padded_exchange(operand, num_out, input_offsets, send_sizes, output_offsets
   return out.at[dst].set(got, mode='drop')
 
 
+EXCHANGE_IMPLS = ('auto', 'ragged', 'padded', 'emulated')
+
+
+def check_impl(impl: str) -> None:
+  """Validates an exchange name without touching the backend (safe at import time, before
+  `jax.distributed.initialize`)."""
+  if impl not in EXCHANGE_IMPLS:
+    raise ValueError(f"impl must be 'auto', 'ragged', 'padded' or 'emulated', got {impl!r}.")
+
+
 def resolve_impl(impl: str) -> str:
+  check_impl(impl)
   if impl == 'auto':
     return 'padded' if jax.default_backend() == 'cpu' else 'ragged'
-  if impl not in ('ragged', 'padded', 'emulated'):
-    raise ValueError(f"impl must be 'auto', 'ragged', 'padded' or 'emulated', got {impl!r}.")
   return impl
 
 

@@ -76,7 +76,7 @@ def test_bad_config_arguments_are_named(arg, match):
     ('model.moe.engine', 'magic', 'config.model.moe.engine'),
     ('model.patch_size', 5, 'does not divide image_size 28'),
     ('optimizer.warmup_steps', 10_000, 'lower --config.optimizer.warmup_steps'),
-    ('mesh.expert', 4, 'one device'),
+    ('mesh.expert', 0, 'config.mesh.expert: must be >= 1 or -1'),
     ('batch_size', 0, 'config.batch_size: must be >= 1'),
     ('model.token_ids', 'pixels', "config.model.token_ids: 'pixels' not in"),
 ])

@@ -57,7 +57,7 @@ class DroplessEngine:
       raise ValueError(f'impl must be one of {grouped.IMPLS}, got {impl!r}.')
     if tile is not None and tile < 1:
       raise ValueError(f'tile must be a positive int, got {tile!r}.')
-    ragged_lib.resolve_impl(exchange)   # fails on a bad name
+    ragged_lib.check_impl(exchange)   # not resolve_impl: engines are built at import
     self.impl, self.tile, self.exchange = impl, tile, exchange
     self._fallback = GatherEngine()
 
