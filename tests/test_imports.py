@@ -9,7 +9,7 @@ def refuse(*args, **kwargs):
   raise SystemExit('the XLA backend was initialised at import time')
 xla_bridge.backends = refuse
 import importlib.util
-import moe_jax.layers, moe_jax.models, moe_jax.parallel, moe_jax.routing, moe_jax.train.trainer
+import moe_jax.layers, moe_jax.models, moe_jax.parallel, moe_jax.routing, moe_jax.train.config_lib
 for path in ('configs/vit/fashion_mnist.py', 'configs/vit/imagenet.py'):
   spec = importlib.util.spec_from_file_location('config', path)
   module = importlib.util.module_from_spec(spec)
