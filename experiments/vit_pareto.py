@@ -102,18 +102,10 @@ def execute_subprocess(run: Run, workdir: str) -> None:
 
 def load_config(run: Run):
   """The run's ConfigDict: the config file's get_config plus the run's overrides."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('vit_config', os.path.join(ROOT, CONFIG))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from moe_jax.train import config_lib
+  module = config_lib.load_config_module(os.path.join(ROOT, CONFIG))
   config = module.get_config(f'{run.router},{run.size}')
-  for key, value in run.overrides.items():
-    node = config
-    *path, last = key.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return config_lib.apply_overrides(config, run.overrides)
 
 
 def execute_in_process(run: Run, workdir: str, *, stop_at_step: int | None = None) -> None:

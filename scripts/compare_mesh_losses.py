@@ -12,7 +12,6 @@ use); `tests/parallel/checks_trainer.py` runs the same comparison on mock data.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -29,10 +28,8 @@ ROUTERS = ('tokens_choice', 'experts_choice', 'soft_moe')
 
 def tiny_config(router: str, steps: int, mesh=(1, 1), **overrides):
   """configs/vit/fashion_mnist.py shrunk to seconds per compile (4 tokens per image)."""
-  path = os.path.join(ROOT, 'configs', 'vit', 'fashion_mnist.py')
-  spec = importlib.util.spec_from_file_location('fashion_mnist_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from moe_jax.train import config_lib
+  module = config_lib.load_config_module(os.path.join(ROOT, 'configs', 'vit', 'fashion_mnist.py'))
   c = module.get_config(f'{router},tiny')
   c.model.update(patch_size=14, width=16, depth=2, mlp_dim=32, num_heads=2)
   c.model.moe.update(last_n=1, num_experts=4)
@@ -40,13 +37,7 @@ def tiny_config(router: str, steps: int, mesh=(1, 1), **overrides):
            eval_every_steps=steps, checkpoint_every_steps=steps, count_flops=False)
   c.optimizer.warmup_steps = 1
   c.mesh.data, c.mesh.expert = mesh
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_lib.apply_overrides(c, overrides)
 
 
 def losses(results: dict) -> list[float]:

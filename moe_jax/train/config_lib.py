@@ -6,6 +6,9 @@ experiment needs. Every field a user may want to override on the command line
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -21,6 +24,25 @@ ROUTER_KWARGS = {
     'experts_choice': dict(capacity_factor=1.0),
     'soft_moe': dict(num_slots=1),
 }
+
+
+def load_config_module(path: str):
+  """Imports a config file by path, the way `config_flags` does."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place, like `--config.a.b=v` on the command line; returns c."""
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -81,12 +81,7 @@ def test_bad_config_arguments_are_named(arg, match):
     ('model.token_ids', 'pixels', "config.model.token_ids: 'pixels' not in"),
 ])
 def test_bad_config_values_raise_clear_errors(field, value, match):
-  config = FMNIST.get_config('soft_moe,tiny')
-  node = config
-  *path, last = field.split('.')
-  for p in path:
-    node = node[p]
-  node[last] = value
+  config = config_lib.apply_overrides(FMNIST.get_config('soft_moe,tiny'), {field: value})
   with pytest.raises(ValueError, match=match):
     config_lib.validate(config)
 

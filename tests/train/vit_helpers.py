@@ -1,6 +1,5 @@
 """Shared by the trainer tests: load config files by path, a tiny ViT config, mock data."""
 import contextlib
-import importlib.util
 import os
 
 import jax
@@ -9,16 +8,14 @@ import tensorflow as tf
 from jax.experimental.compilation_cache import compilation_cache
 import tensorflow_datasets as tfds
 
+from moe_jax.train import config_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config_module(relpath: str):
-  """Imports a config file the way `config_flags` does: by path."""
-  path = os.path.join(ROOT, relpath)
-  spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """Imports a config file of this repository by path (as `config_flags` does)."""
+  return config_lib.load_config_module(os.path.join(ROOT, relpath))
 
 
 def tiny_config(arg: str = 'soft_moe,tiny', **overrides):
@@ -30,13 +27,7 @@ def tiny_config(arg: str = 'soft_moe,tiny', **overrides):
   c.update(num_train_steps=6, batch_size=8, eval_batch_size=16, log_every_steps=1,
            eval_every_steps=3, checkpoint_every_steps=2, count_flops=False)
   c.optimizer.warmup_steps = 2
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return config_lib.apply_overrides(c, overrides)
 
 
 @contextlib.contextmanager
