@@ -1,10 +1,12 @@
 """Flax NNX modules: routers (own their gating params), experts, engines, MoeLayer."""
 from moe_jax.layers.engines import ENGINES, get_engine
 from moe_jax.layers.experts import Experts
+from moe_jax.layers.moe_config import LayerContext, MoeConfig
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.layers.registry import ROUTERS, get_router_class
 from moe_jax.layers.routers import (ExpertsChoiceRouter, LinearGate, Router, SoftMoeRouter,
                                     TokensChoiceRouter)
 
-__all__ = ['ENGINES', 'ROUTERS', 'Experts', 'ExpertsChoiceRouter', 'LinearGate', 'MoeLayer',
+__all__ = ['ENGINES', 'ROUTERS', 'Experts', 'ExpertsChoiceRouter', 'LayerContext', 'LinearGate',
+           'MoeConfig', 'MoeLayer',
            'Router', 'SoftMoeRouter', 'TokensChoiceRouter', 'get_engine', 'get_router_class']

@@ -18,13 +18,17 @@ numbers as on one device.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers.engines import get_engine
+from moe_jax.errors import ConfigError
 from moe_jax.layers.experts import Experts
-from moe_jax.layers.registry import get_router_class
+from moe_jax.layers.moe_config import LayerContext, MoeConfig
+from moe_jax.layers.registry import ROUTERS, get_router_class
 from moe_jax.parallel import expert_parallel
 
 Array = jax.Array
@@ -54,13 +58,18 @@ class MoeLayer(nnx.Module):
     num_shared_experts: experts applied to every token, unweighted, their outputs added
       to the routed output (DeepSeekMoE / V3 "shared experts"; default 0).
     shared_expert_hidden: hidden width of each shared expert (default `expert_hidden`).
+    use_bias: expert MLP biases (T5.1.1-style models have none).
+    context: what the model tells the layer (`LayerContext`: tokens per group, whether it
+      sits in a decoder); a causal context refuses routers that read later tokens.
   """
 
   def __init__(self, d_model: int, num_experts: int, expert_hidden: int, *,
                router: str = 'tokens_choice', router_kwargs: dict | None = None,
                engine: str = 'gather', activation: str = 'gelu', glu: bool = False,
                group_size: int | None = None, dtype=None, rngs: nnx.Rngs,
-               num_shared_experts: int = 0, shared_expert_hidden: int | None = None):
+               num_shared_experts: int = 0, shared_expert_hidden: int | None = None,
+               use_bias: bool = True, context: LayerContext | None = None):
+    context = context or LayerContext()
     if num_experts < 1:
       raise ValueError(f'num_experts must be >= 1, got {num_experts}.')
     self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
@@ -68,15 +77,32 @@ class MoeLayer(nnx.Module):
     get_engine(engine)   # fail at construction on a bad name
     router_cls = get_router_class(router)
     self.router = router_cls(d_model, num_experts, rngs=rngs, **dict(router_kwargs or {}))
+    self.context = context
+    if context.causal and not self.is_causal and not context.allow_future_leak:
+      raise ConfigError(causal_error(router, self, context), field='router')
     self.experts = Experts(num_experts, d_model, expert_hidden, activation=activation, glu=glu,
-                           dtype=dtype, rngs=rngs)
+                           use_bias=use_bias, dtype=dtype, rngs=rngs)
     if num_shared_experts < 0:
       raise ValueError(f'num_shared_experts must be >= 0, got {num_shared_experts}.')
     self.shared_experts = nnx.data(None)
     if num_shared_experts:
       self.shared_experts = Experts(num_shared_experts, d_model,
                                     shared_expert_hidden or expert_hidden, activation=activation,
-                                    glu=glu, dtype=dtype, shard_experts=False, rngs=rngs)
+                                    glu=glu, use_bias=use_bias, dtype=dtype, shard_experts=False,
+                                    rngs=rngs)
+
+  @classmethod
+  def from_config(cls, cfg: MoeConfig, d_model: int, *, default_hidden: int,
+                  context: LayerContext | None = None, dtype=None, rngs: nnx.Rngs) -> MoeLayer:
+    """The layer `cfg` describes, `expert_hidden` defaulting to `default_hidden`."""
+    return cls(d_model, cfg.num_experts, cfg.expert_hidden or default_hidden, router=cfg.router,
+               router_kwargs=dict(cfg.router_kwargs), engine=cfg.engine,
+               activation=cfg.activation, glu=cfg.glu, group_size=cfg.group_size, dtype=dtype,
+               num_shared_experts=cfg.num_shared_experts,
+               shared_expert_hidden=cfg.shared_expert_hidden, use_bias=cfg.use_bias,
+               context=dataclasses.replace(context or LayerContext(),
+                                           allow_future_leak=cfg.allow_future_leak),
+               rngs=rngs)
 
   @property
   def is_causal(self) -> bool:
@@ -132,3 +158,16 @@ class MoeLayer(nnx.Module):
     tokens = x.reshape(1, -1, x.shape[-1])
     out = self.shared_experts(jnp.broadcast_to(tokens, (n,) + tokens.shape[1:]))
     return jnp.sum(out, axis=0).reshape(x.shape)
+
+
+def causal_error(router: str, layer: MoeLayer, context: LayerContext) -> str:
+  """The message for a non-causal router in a decoder: names the causal routers."""
+  causal = sorted(n for n, c in ROUTERS.items() if c.causal)
+  why = ('its routing groups span several sequences (group_size is set)'
+         if layer.router.is_causal else
+         'its routing of a token reads later tokens of the sequence')
+  where = f' at {context.name}' if context.name else ''
+  return (f'router {router!r}{where} sits in a decoder but {why}, so training would leak '
+          f'future tokens. Use a causal router ({", ".join(causal)}; tokens_choice only '
+          'without batch_priority) or set allow_future_leak=True in the MoE config to study '
+          'the leak on purpose.')

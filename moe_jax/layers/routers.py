@@ -13,6 +13,7 @@ Class attributes read by models and configs:
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import routing
+from moe_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -71,6 +73,38 @@ class Router(nnx.Module):
   """Base class: evaluation mode flag, optional logit noise and the registry contract."""
   causal: bool = True
   needs_token_ids: bool = False
+  # The pure routing function that receives the router's pass-through keywords
+  # (`**routing_kwargs`), or None when the constructor takes no pass-through keywords.
+  routing_fn = None
+
+  @classmethod
+  def accepted_kwargs(cls) -> set[str]:
+    """Names `router_kwargs` may hold: the constructor's keywords (and those of
+    `routing_fn` when the constructor passes keywords through)."""
+    def keywords(f):
+      params = inspect.signature(f).parameters
+      return {n for n, p in params.items()
+              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    params = inspect.signature(cls.__init__).parameters
+    names = keywords(cls.__init__) - {'self', 'd_model', 'num_experts', 'rngs', 'context'}
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()) and cls.routing_fn is not None:
+      names |= {n for n, p in inspect.signature(cls.routing_fn).parameters.items()
+                if p.kind == p.KEYWORD_ONLY}
+    return names
+
+  @classmethod
+  def check_kwargs(cls, kwargs: dict, *, num_experts: int | None = None) -> None:
+    """Raises ConfigError (field = the bad key) for a keyword the router does not take,
+    naming the ones it does and the nearest match."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()) and cls.routing_fn is None:
+      return   # pass-through keywords with no declared target: checked at construction
+    allowed = cls.accepted_kwargs()
+    for key in sorted(set(kwargs) - allowed):
+      near = difflib.get_close_matches(key, sorted(allowed), n=1)
+      hint = f' Did you mean {near[0]!r}?' if near else ''
+      raise ConfigError(f'{cls.__name__} takes no argument {key!r}.{hint} It takes: '
+                        f'{", ".join(sorted(allowed))}.', field=key)
 
   @property
   def is_causal(self) -> bool:
@@ -101,6 +135,7 @@ class TokensChoiceRouter(Router):
   other keyword of `routing.tokens_choice` (batch_priority, renormalize, loss weights,
   capacity convention).
   """
+  routing_fn = staticmethod(routing.tokens_choice)
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 1,
                capacity_factor: float = 1.25, eval_capacity_factor: float | None = None,
@@ -133,6 +168,7 @@ class ExpertsChoiceRouter(Router):
   `eval_capacity_factor`, `noise_std`, `init_scale`, and the keywords of
   `routing.experts_choice`.
   """
+  routing_fn = staticmethod(routing.experts_choice)
   causal = False
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,

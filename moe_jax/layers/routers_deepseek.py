@@ -71,6 +71,7 @@ class DeepSeekRouter(Router):
     capacity_rounding, capacity_multiple_of, min_capacity of
     `routing.deepseek.deepseek_routing`.
   """
+  routing_fn = staticmethod(deepseek_routing)
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 8,
                bias_update_rate: float = 1e-3, capacity_factor: float | None = None,

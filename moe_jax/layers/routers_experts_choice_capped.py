@@ -22,6 +22,7 @@ class ExpertsChoiceCappedRouter(Router):
   convention keywords. No aux loss by default.
   Not causal: each expert ranks every token of the group.
   """
+  routing_fn = staticmethod(experts_choice_capped)
   causal = False
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,

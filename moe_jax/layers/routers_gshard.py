@@ -33,6 +33,7 @@ class GShardTop2Router(Router):
     and load_balance_weight (1e-2), z_loss_weight (0), capacity, capacity_include_k,
     capacity_rounding, capacity_multiple_of, min_capacity of `routing.gshard.gshard_top2`.
   """
+  routing_fn = staticmethod(gshard_top2)
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
                second_policy: str = 'random', eval_second_policy: str = 'all',

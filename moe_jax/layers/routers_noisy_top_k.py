@@ -33,6 +33,7 @@ class NoisyTopKRouter(Router):
     and the capacity keywords of `routing.noisy_top_k.noisy_top_k` (capacity,
     capacity_include_k, capacity_rounding, capacity_multiple_of, min_capacity).
   """
+  routing_fn = staticmethod(noisy_top_k)
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 4,
                noisy: bool = True, noise_epsilon: float = 1e-2,

@@ -45,6 +45,7 @@ class ReinforceRouter(Router):
   Metrics: `reinforce_log_prob` [G, S] (differentiable) and `reinforce_baseline`.
   Causal: yes (each token samples from its own π).
   """
+  routing_fn = staticmethod(reinforce_lib.reinforce_routing)
   causal = True
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 1,

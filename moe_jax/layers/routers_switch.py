@@ -24,6 +24,7 @@ class SwitchRouter(Router):
     and load_balance_weight (α = 1e-2), z_loss_weight (0), capacity,
     capacity_rounding, capacity_multiple_of, min_capacity of `routing.switch.switch_top1`.
   """
+  routing_fn = staticmethod(switch_top1)
   straight_through = False
   default_jitter_eps = 1e-2
 
