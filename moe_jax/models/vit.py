@@ -16,6 +16,7 @@ of `token_ids.TOKEN_ID_FNS`: the token's position (default; class token 0, patch
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.layers import MoeLayer, get_router_class
+from moe_jax.layers import LayerContext, MoeConfig, MoeLayer, get_router_class
 from moe_jax.models.placement import moe_block_indices
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
 
@@ -48,9 +49,6 @@ PAPER_MOE = {
     'H/14': dict(num_experts=128, last_n=16),
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-MOE_KEYS = ('router', 'router_kwargs', 'num_experts', 'expert_hidden', 'engine', 'group_size',
-            'every', 'last_n', 'layers', 'glu', 'activation')
-
 
 # images: [B, H, W, C] -> [B, N, patch_size² · C], row-major patches (the patch embedding's input).
 extract_patches = image_patches
@@ -118,18 +116,17 @@ class Block(nnx.Module):
     return x + self.mlp(h), None
 
 
-def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: dict, *, dtype,
-               rngs: nnx.Rngs) -> MoeLayer:
-  router = moe.get('router', 'soft_moe')
-  router_kwargs = dict(moe.get('router_kwargs') or {})
+def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: MoeConfig, index: int, *,
+               dtype, rngs: nnx.Rngs) -> MoeLayer:
+  router_kwargs = dict(moe.router_kwargs)
   # Routers sized by tokens per group (Soft MoE with a capacity factor) get it filled in.
   if ('capacity_factor' in router_kwargs
-      and 'num_tokens' in inspect.signature(get_router_class(router).__init__).parameters):
+      and 'num_tokens' in inspect.signature(get_router_class(moe.router).__init__).parameters):
     router_kwargs.setdefault('num_tokens', tokens_per_group)
-  return MoeLayer(width, moe['num_experts'], moe.get('expert_hidden') or mlp_dim, router=router,
-                  router_kwargs=router_kwargs, engine=moe.get('engine', 'gather'),
-                  activation=moe.get('activation', 'gelu'), glu=moe.get('glu', False),
-                  group_size=moe.get('group_size'), dtype=dtype, rngs=rngs)
+  moe = dataclasses.replace(moe, router_kwargs=router_kwargs)
+  return MoeLayer.from_config(moe, width, default_hidden=mlp_dim, dtype=dtype, rngs=rngs,
+                              context=LayerContext(tokens_per_group=tokens_per_group,
+                                                   name=f'block_{index:02d}'))
 
 
 class ViT(nnx.Module):
@@ -142,14 +139,18 @@ class ViT(nnx.Module):
     patch_size, width, depth, mlp_dim, num_heads: the backbone (see `PRESETS`).
     pool: 'gap' (mean of the final tokens) or 'token' (a class token).
     posemb: 'learn' or 'sincos2d'.
-    moe: None for a dense ViT, or a dict with `router` (a `layers.ROUTERS` key),
-      `router_kwargs`, `num_experts`, and optionally `expert_hidden` (default mlp_dim),
-      `engine`, `group_size` (tokens per routing group; default one image), `glu`,
-      `activation` and the placement `every` / `last_n` / `layers`.
+    moe: None for a dense ViT, or a `MoeConfig` (or its dict form, router 'dense' = none)
+      with `router` (a `layers.ROUTERS` key), `router_kwargs`, `num_experts`, and
+      optionally `expert_hidden` (default mlp_dim), `engine`, `group_size` (tokens per
+      routing group; default one image), `glu`, `activation` and the placement `every` /
+      `last_n` / `layers`.
     token_ids: a key of `token_ids.TOKEN_ID_FNS` ('position', 'patch_content'), the
       function computing the ids handed to every MoE layer.
     token_ids_kwargs: extra keyword arguments of that function (e.g. `value_range`
       of the pixels, `levels`, `bits` for 'patch_content').
+    patch_content: the options of the 'patch_content' token ids as configs hold them
+      (merged into token_ids_kwargs when token_ids='patch_content', ignored otherwise).
+    size: the preset's name ('tiny', 'B/16'), a label only: the sizes are the fields.
     dtype: compute dtype name ('float32', 'bfloat16'); params stay float32.
     rngs: `nnx.Rngs`.
   """
@@ -158,6 +159,7 @@ class ViT(nnx.Module):
                patch_size: int, width: int, depth: int, mlp_dim: int, num_heads: int,
                pool: str = 'gap', posemb: str = 'learn', moe: dict | None = None,
                token_ids: str = 'position', token_ids_kwargs: dict | None = None,
+               patch_content: dict | None = None, size: str | None = None,
                dtype: str = 'float32', rngs: nnx.Rngs):
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if h % patch_size or w % patch_size:
@@ -173,6 +175,10 @@ class ViT(nnx.Module):
     cdt = DTYPES[dtype]
     self.patch_size, self.pool, self.token_ids_name = patch_size, pool, token_ids
     self.token_ids_kwargs = dict(token_ids_kwargs or {})
+    if token_ids == 'patch_content' and patch_content:
+      self.token_ids_kwargs = {**dict(patch_content), **self.token_ids_kwargs}
+    if 'value_range' in self.token_ids_kwargs:
+      self.token_ids_kwargs['value_range'] = tuple(self.token_ids_kwargs['value_range'])
     bad = set(self.token_ids_kwargs) - set(inspect.signature(TOKEN_ID_FNS[token_ids]).parameters)
     if bad:
       raise ValueError(f'token_ids_kwargs {sorted(bad)} are not arguments of the {token_ids!r} '
@@ -186,16 +192,13 @@ class ViT(nnx.Module):
     else:
       self.posemb = nnx.data(jnp.asarray(sincos2d(h // patch_size, w // patch_size, width)))
     self.cls = (nnx.Param(jnp.zeros((1, 1, width))) if pool == 'token' else nnx.data(None))
-    moe = dict(moe or {})
-    unknown = set(moe) - set(MOE_KEYS)
-    if unknown:
-      raise ValueError(f'unknown moe options {sorted(unknown)}; known: {list(MOE_KEYS)}.')
-    moe_idx = (moe_block_indices(depth, every=moe.get('every'), last_n=moe.get('last_n'),
-                                 layers=moe.get('layers')) if moe else ())
+    if not isinstance(moe, MoeConfig):
+      moe = MoeConfig.from_dict(moe, field='moe')
+    moe_idx = moe_block_indices(depth, **moe.placement()) if moe else ()
     self.moe_blocks = moe_idx
     blocks = []
     for i in range(depth):
-      mlp = (_moe_layer(width, mlp_dim, moe.get('group_size') or self.num_tokens, moe, dtype=cdt,
+      mlp = (_moe_layer(width, mlp_dim, moe.group_size or self.num_tokens, moe, i, dtype=cdt,
                         rngs=rngs) if i in moe_idx else Mlp(width, mlp_dim, dtype=cdt, rngs=rngs))
       blocks.append(Block(width, num_heads, mlp, dtype=cdt, rngs=rngs))
     self.blocks = nnx.List(blocks)

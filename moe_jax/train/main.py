@@ -53,10 +53,12 @@ def main(argv):
     pass
   logging.info('JAX process %d / %d, devices %s', jax.process_index(), jax.process_count(),
                jax.devices())
+  from moe_jax.tasks import TASKS
   from moe_jax.train.trainer import train_and_evaluate
   results = train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step)
   if results is not None:
-    print(f"test accuracy {results['final']['test_accuracy']:.4f} after {results['steps']} steps, "
+    headline = TASKS[FLAGS.config.task.name].headline_text(results)
+    print(f"{headline} after {results['steps']} steps, "
           f"{results['train_time_s']:.0f}s training ({results['wall_time_s']:.0f}s wall); "
           f"results in {os.path.join(FLAGS.workdir, 'results.json')}")
 

@@ -1,14 +1,15 @@
-"""`train_and_evaluate(config, workdir)`: the ViT training loop.
+"""`train_and_evaluate(config, workdir)`: the training loop, for any task and model.
 
-    data -> model + AdamW -> restore the latest checkpoint (if any) -> compile the step
-    (XLA cost analysis + MoE formula -> FLOPs) -> loop: step, log, evaluate, checkpoint
-    -> final evaluation -> <workdir>/results.json
+    validate config -> task (TASKS[config.task.name]) prepares its data -> model
+    (MODELS[config.model.name]) + AdamW -> restore the latest checkpoint (if any) ->
+    compile the step (XLA cost analysis + MoE formula -> FLOPs) -> loop: step, log,
+    evaluate, checkpoint -> final evaluation -> <workdir>/results.json
 
 A run resumes from its workdir's latest checkpoint with the data position restored
 (batches are a function of (seed, step)), so an interrupted run continues exactly as
 the uninterrupted one would. SIGTERM / Ctrl-C save a checkpoint and stop cleanly.
 
-`config.mesh` (see `sharded.py`) trains on a device mesh: the state is placed with
+`config.mesh` (see `device_mesh.py`) trains on a device mesh: the state is placed with
 experts over `expert`, each batch split over (`data`, `expert`), the steps traced under
 `jax.set_mesh`; a checkpoint restores onto whatever mesh the resuming run uses.
 """
@@ -28,8 +29,8 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
 
-from moe_jax.data.images import ImageData
-from moe_jax.train import checkpoint, config_lib, flops, sharded, steps, upcycle, writers
+from moe_jax import tasks
+from moe_jax.train import checkpoint, config_lib, device_mesh, flops, steps, upcycle, writers
 from moe_jax.train.builders import build_model, build_optimizer
 
 RESULTS = 'results.json'
@@ -76,22 +77,29 @@ def restore_or_init(mngr, state, config=None) -> tuple:
   return state, None
 
 
-def evaluate(eval_step, model_state, data: ImageData, mesh=None) -> dict[str, float]:
-  """Accuracy and loss over the whole eval split (+ routing metrics in eval mode)."""
+def evaluate(eval_step, model_state, task, mesh=None) -> dict[str, float]:
+  """The task's metrics over its whole eval set (+ routing metrics in eval mode)."""
   sums = None
-  for batch in data.eval_batches():
-    out = eval_step(model_state, sharded.put_batch(mesh, batch))
+  for batch in task.eval_batches():
+    out = eval_step(model_state, device_mesh.put_batch(mesh, batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   sums = jax.device_get(sums)
-  n = float(sums.pop('count'))
-  res = {'eval/accuracy': float(sums.pop('correct')) / n, 'eval/loss': float(sums.pop('loss_sum')) / n}
-  res.update({f'eval/{k}': float(v) / n for k, v in sums.items()})
+  res = task.eval_metrics(sums)
+  n = float(sums['weight'])
+  res.update({f'eval/{k}': float(v) / n for k, v in sums.items() if k.startswith('routing/')})
   return res
 
 
-def _mean_metrics(window: list) -> dict[str, float]:
+def _mean_metrics(window: list, seconds: float) -> dict[str, float]:
+  """Means over the window; 'count/x' metrics become 'throughput/x_per_s' (sums / seconds)."""
   host = jax.device_get(window)
-  return {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+  out = {}
+  for k in host[0]:
+    if k.startswith('count/'):
+      out[f'throughput/{k[6:]}_per_s'] = float(np.sum([m[k] for m in host])) / max(seconds, 1e-9)
+    else:
+      out[f'train/{k}'] = float(np.mean([m[k] for m in host]))
+  return out
 
 
 def _config_json(config) -> dict:
@@ -103,7 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
   Args:
-    config: a ViT config (see `config_lib.vit_base_config`).
+    config: a run config (e.g. `configs/vit/fashion_mnist.py`; fields in
+      `config_lib.base_config` and the family's base).
     workdir: checkpoints, TensorBoard events, metrics.jsonl and results.json go here.
     stop_at_step: stop (with a checkpoint) after this step, as an interruption would.
 
@@ -111,8 +120,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The results dict also written to results.json, or None when stopped early.
   """
   config_lib.validate(config)
-  mesh = sharded.trainer_mesh(config)
-  with sharded.mesh_context(mesh):
+  mesh = device_mesh.trainer_mesh(config)
+  with device_mesh.mesh_context(mesh):
     return _train_and_evaluate(config, workdir, stop_at_step, mesh)
 
 
@@ -123,26 +132,21 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
   if done is not None and done['config'] == _config_json(config):
     logging.info('%s already holds the finished run: %s', workdir, done['final'])
     return done
-  data = ImageData.from_config(config.data, batch_size=config.batch_size,
-                               eval_batch_size=config.eval_batch_size, seed=config.seed,
-                               image_size=config.model.image_size)
-  if (data.num_classes, data.image_shape[2]) != (config.model.num_classes, config.model.channels):
-    raise ValueError(f'{config.data.name!r} has {data.num_classes} classes and '
-                     f'{data.image_shape[2]} channels; set config.model.num_classes and '
-                     'config.model.channels to match.')
+  task = tasks.TASKS[config.task.name](config)
+  task.prepare()
 
   model = build_model(config, rngs=nnx.Rngs(config.seed))
+  device_mesh.check_model_fits(mesh, model)
   tx, schedule = build_optimizer(config)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  sharded.place_state(mesh, model, optimizer)
-  train_step = steps.make_train_step(model, optimizer, schedule,
-                                     label_smoothing=config.optimizer.label_smoothing)
-  eval_step = steps.make_eval_step(model)
+  device_mesh.place_state(mesh, model, optimizer)
+  train_step = steps.make_train_step(model, optimizer, schedule, task)
+  eval_step = steps.make_eval_step(model, task)
   mngr = checkpoint.make_manager(workdir, every=config.checkpoint_every_steps,
                                  keep=config.keep_checkpoints)
   state, meta = restore_or_init(mngr, nnx.state((model, optimizer)), config)
   if meta is None:
-    meta = dict(step=0, data=data.position(0), train_time_s=0.0, wall_time_s=0.0, eval=[])
+    meta = dict(step=0, data=task.position(0), train_time_s=0.0, wall_time_s=0.0, eval=[])
     writers.truncate_jsonl(workdir, -1)
   else:
     if meta['data']['seed'] != config.seed:
@@ -159,18 +163,19 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
     logging.info('\n%s', parameter_overview.get_parameter_overview(
         nnx.state(model, nnx.Param).to_pure_dict(), include_stats=False))
 
-  it = ((s, sharded.put_batch(mesh, b)) for s, b in data.train_iterator(start))
+  it = ((s, device_mesh.put_batch(mesh, b)) for s, b in task.train_iterator(start))
   first = next(it)
   compile_start = time.time()
   compiled = train_step.lower(state, first[1]).compile()
   compile_s = time.time() - compile_start
   step_flops = None
+  moe_calls = flops.moe_calls(model, task.model_inputs(first[1]))
   if config.count_flops:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    step_flops = flops.train_step_flops(float(ca.get('flops', 0.0)), model, config.batch_size,
+    step_flops = flops.train_step_flops(float(ca.get('flops', 0.0)), moe_calls,
                                         devices=1 if mesh is None else mesh.size)
-  params = flops.param_counts(model)
+  params = flops.param_counts(model, moe_calls)
   logging.info('params %s; train step %.3g FLOPs; compiled in %.1fs', params,
                step_flops['train_step'] if step_flops else float('nan'), compile_s)
 
@@ -179,7 +184,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
                                            every_steps=config.log_every_steps)
   hooks = [report] if jax.process_index() == 0 else []
   window, stopped = [], False
-  train_time = 0.0
+  train_time = window_time = 0.0
   with metric_writers.ensure_flushes(writer), _StopFlag() as flag:
     step = start
     batch_iter = _chain(first, it)
@@ -194,23 +199,24 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
       if log_now or eval_now:
         jax.block_until_ready(metrics)   # so the step's time is counted as training time
       train_time += time.time() - t0
+      window_time += time.time() - t0
       if log_now:
-        means = _mean_metrics(window)
+        means = _mean_metrics(window, window_time)
         writer.write_scalars(step, means)
         # Every process holds the (replicated) loss: results.json of any process has the curve.
         meta.setdefault('train_loss', []).append([step, means['train/loss']])
-        window = []
+        window, window_time = [], 0.0
       for h in hooks:
         h(step)
       if eval_now:
         with report.timed('eval'):
-          ev = evaluate(eval_step, state[0], data, mesh)
+          ev = evaluate(eval_step, state[0], task, mesh)
         ev['time/train_s'] = meta['train_time_s'] + train_time
         ev['time/process_cpu_s'] = _cpu_seconds()
         writer.write_scalars(step, ev)
         meta['eval'].append({'step': step, **ev})
       stopped = flag.stop or step == stop_at_step
-      meta.update(step=step, data=data.position(step))
+      meta.update(step=step, data=task.position(step))
       meta['train_time_s'] += train_time
       meta['wall_time_s'] += time.time() - session_start
       train_time, session_start = 0.0, time.time()
@@ -223,7 +229,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
   if step < num_steps:
     logging.info('Stopped at step %d of %d; rerun the same command to resume.', step, num_steps)
     return None
-  results = _results(config, meta, params, step_flops, compile_s, data)
+  results = _results(config, meta, params, step_flops, compile_s, task)
   if jax.process_index() == 0:   # one writer for the shared workdir
     with open(os.path.join(workdir, RESULTS + '.tmp'), 'w') as f:
       json.dump(results, f, indent=1)
@@ -262,7 +268,7 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
-def _results(config, meta, params, step_flops, compile_s, data) -> dict:
+def _results(config, meta, params, step_flops, compile_s, task) -> dict:
   n = config.num_train_steps
   last_eval = meta['eval'][-1]
   train_flops = None
@@ -280,8 +286,8 @@ def _results(config, meta, params, step_flops, compile_s, data) -> dict:
       wall_time_s=meta['wall_time_s'], train_time_s=meta['train_time_s'],
       steps_per_sec=n / max(meta['train_time_s'], 1e-9), last_compile_s=compile_s,
       process_cpu_s=_cpu_seconds(),
-      final={'test_accuracy': last_eval['eval/accuracy'], 'test_loss': last_eval['eval/loss']},
-      eval_history=meta['eval'], train_loss=meta.get('train_loss', []),
+      final=task.final_metrics(last_eval), task=task.name, headline=task.headline[0],
+      eval_history=meta['eval'], train_loss=meta.get('train_loss', []), **task.results_info(),
       environment=dict(jax=jax.__version__, backend=jax.default_backend(),
                        device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
                        cpu_count=os.cpu_count(), machine=platform.machine()))

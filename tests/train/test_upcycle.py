@@ -105,6 +105,6 @@ def test_upcycle_params_errors_name_the_mismatch(tmp_path):
   with pytest.raises(ValueError, match='holds no checkpoint'):
     upcycle.load_dense_params(str(tmp_path / 'dense_run'))
   assert not (tmp_path / 'dense_run').exists()      # reading creates nothing
-  cfg = tiny_config('tokens_choice,tiny', **{'init_from.dense_workdir': 'x', 'model.moe.glu': True})
-  with pytest.raises(ValueError, match='glu=False'):
-    upcycle.check_config(cfg)
+  dense_model = build_model(tiny_config('dense,tiny'), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='needs an MoE model'):
+    upcycle.upcycle_train_state(None, (nnx.state(dense_model),))
