@@ -84,6 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.count_flops = True
+  # A non-finite loss or gradient norm: 'stop' the run (exit status 3; the last
+  # checkpoint is the last good state) or 'skip' the update and count it, stopping after
+  # max_skipped_steps skips (see train/divergence.py).
+  c.on_nonfinite = 'stop'
+  c.max_skipped_steps = 100
 
   # AdamW with linear warmup and cosine decay (see builders.build_optimizer).
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -121,7 +126,12 @@ def validate_trainer_fields(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(msg, field=f'config.{field}')
   for f in ('num_train_steps', 'batch_size', 'eval_batch_size', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    need(isinstance(c[f], int) and c[f] >= 1, f, f'must be >= 1, got {c[f]}.')
+    need(isinstance(c[f], int) and c[f] >= 1, f, f'must be an int >= 1, got {c[f]!r}.')
+  need(isinstance(c.seed, int) and 0 <= c.seed < 2 ** 31, 'seed',
+       f'must be an int in [0, 2**31), got {c.seed!r}.')
+  need(c.get('on_nonfinite', 'stop') in ('stop', 'skip'), 'on_nonfinite',
+       f"must be 'stop' or 'skip', got {c.get('on_nonfinite')!r}.")
+  need(c.get('max_skipped_steps', 0) >= 0, 'max_skipped_steps', 'must be >= 0.')
   need(c.optimizer.learning_rate > 0, 'optimizer.learning_rate', 'must be > 0.')
   need(0 <= c.optimizer.warmup_steps < c.num_train_steps, 'optimizer.warmup_steps',
        f'must be in [0, num_train_steps={c.num_train_steps}), got {c.optimizer.warmup_steps}; '
@@ -168,8 +178,9 @@ def build_model(model: ml_collections.ConfigDict, *, rngs):
     return cls(**model_kwargs(model), rngs=rngs)
   except ConfigError as e:
     raise (e if (e.field or '').startswith('config.') else e.under('config.model')) from None
-  except (ValueError, TypeError) as e:
-    raise ConfigError(str(e), field='config.model') from None
+  except (ValueError, TypeError, ArithmeticError) as e:
+    raise ConfigError(f'{type(e).__name__}: {e}' if isinstance(e, ArithmeticError) else str(e),
+                      field='config.model') from None
 
 
 def build_abstract_model(model: ml_collections.ConfigDict):

@@ -77,15 +77,19 @@ def routing_scalars(aux: dict) -> dict[str, Array]:
 
 
 def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Callable, task, *,
-                    donate: bool = True):
+                    donate: bool = True, skip_nonfinite: bool = False):
   """Returns jitted `(state, batch) -> (state, metrics)` for state = nnx.state((model, optimizer)).
 
-  `model` is put in training mode; the graph structure is captured once here.
+  `model` is put in training mode; the graph structure is captured once here. The
+  metrics hold `nonfinite` (1.0 when the loss or the gradient norm is not finite);
+  `skip_nonfinite=True` then returns the input state unchanged (no update, no router
+  state change), so one bad batch does not poison the weights.
   """
   model.train()
   graphdef = nnx.graphdef((model, optimizer))
 
   def train_step(state, batch):
+    old_state = state
     model, optimizer = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -103,11 +107,17 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
     lr = schedule(optimizer.step[...])
     optimizer.update(model, grads)
     layers.after_step(model, terms['rewards'])   # after the surrogate used the old state
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = dict(loss=loss, task_loss=terms['task_loss'], aux_loss=terms['aux_loss'],
-                   reinforce_loss=terms['reinforce_loss'], grad_norm=optax.tree.norm(grads),
-                   learning_rate=lr, **terms['task_metrics'])
+                   reinforce_loss=terms['reinforce_loss'], grad_norm=grad_norm,
+                   learning_rate=lr, nonfinite=1.0 - finite.astype(jnp.float32),
+                   **terms['task_metrics'])
     metrics.update(routing_scalars(aux))
-    return nnx.state((model, optimizer)), metrics
+    new_state = nnx.state((model, optimizer))
+    if skip_nonfinite:
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+    return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 

@@ -23,10 +23,10 @@ def _restore(config, workdir):
   model = build_model(config, rngs=nnx.Rngs(123))
   optimizer = nnx.Optimizer(model, build_optimizer(config)[0], wrt=nnx.Param)
   mngr = checkpoint.make_manager(workdir, every=1, keep=5)
-  state, meta = checkpoint.restore_latest(mngr, nnx.state((model, optimizer)))
+  restored = checkpoint.restore_latest(mngr, nnx.state((model, optimizer)))
   mngr.close()
-  nnx.update((model, optimizer), state)
-  return model, optimizer, meta
+  nnx.update((model, optimizer), restored.state)
+  return model, optimizer, restored.meta
 
 
 def _params(model):
