@@ -136,11 +136,15 @@ def build_manifest(sources: Sequence[Source], weights: Sequence[int] = SPLIT_WEI
   }
 
 
+def sources_from(manifest: dict) -> tuple[Source, ...]:
+  """The sources a prepared copy was built from."""
+  return tuple(Source(**{**s, 'exclude': tuple(s['exclude'])}) for s in manifest['sources'])
+
+
 def installed_checksum(manifest: dict) -> str | None:
   """The checksum of the files now installed where `manifest`'s sources were; None if
   none of them is installed (the prepared copy was moved to another machine)."""
-  sources = [Source(**{**s, 'exclude': tuple(s['exclude'])}) for s in manifest['sources']]
-  files = list_files(sources)
+  files = list_files(sources_from(manifest))
   return _checksum(_file_lines(files, manifest['split_weights'])) if files else None
 
 
@@ -224,12 +228,15 @@ def check_manifest(data_dir: str) -> None:
 
 
 def ensure_text_prepared(name: str = NAME, data_dir: str | None = None, *,
-                         sources: Sequence[Source] | None = None, reprepare: bool = False,
+                         sources: Sequence[Source] | None = None,
+                         split_weights: Sequence[int] | None = None, reprepare: bool = False,
                          check_sources: bool = True, download: bool = True) -> str:
   """Makes `tfds.load(name, data_dir=...)` readable; returns the data dir.
 
-  debian_docs: prepared from the installed packages when missing (or when `reprepare`);
-  an existing copy is checked against its sources (`check_manifest`). Other names go
+  debian_docs: prepared from `sources` (default: the Debian packages) when missing; with
+  `reprepare` the prepared copy is deleted and prepared again, by default from the
+  sources and split weights its manifest records. An existing copy is checked against
+  its sources (`check_manifest`). Other names go
   through `prepare.ensure_prepared` (TFDS download when the network answers).
   """
   data_dir = data_dir or prepare.default_data_dir()
@@ -241,6 +248,10 @@ def ensure_text_prepared(name: str = NAME, data_dir: str | None = None, *,
                              f'--config.data.name={NAME} after `make data`.') from None
   builder = tfds.builder(name, data_dir=data_dir)
   if reprepare and builder.is_prepared():
+    old = stored_manifest(data_dir)
+    if old:   # by default the same recipe, from the files installed now
+      sources = sources or sources_from(old)
+      split_weights = split_weights or tuple(old['split_weights'])
     shutil.rmtree(os.fspath(builder.data_path))   # the version dir, with tokenizers and caches
   if prepare.is_prepared(name, data_dir):
     if check_sources and tfds.builder(name, data_dir=data_dir).is_prepared():
@@ -249,6 +260,6 @@ def ensure_text_prepared(name: str = NAME, data_dir: str | None = None, *,
   if not list_files(sources or DEFAULT_SOURCES):
     raise MissingDataError(f'TFDS dataset {name!r} is not prepared in {data_dir} and its source '
                            f'files are not installed. ' + remedies(data_dir))
-  DebianDocs(sources=sources, data_dir=data_dir).download_and_prepare(
+  DebianDocs(sources=sources, split_weights=split_weights or SPLIT_WEIGHTS, data_dir=data_dir).download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return data_dir

@@ -72,15 +72,21 @@ class Tokenizer:
     """Ids -> text; pad/EOS vanish, sentinels read <extra_id_i>, unused ids vanish."""
     out, run = [], []
     first_extra = self.vocab_size - self.num_extra_ids
+
+    def flush():
+      text = self._sp.decode(run)
+      # SentencePiece drops the leading space of a text; after a sentinel it is real.
+      if out and run and self._sp.id_to_piece(run[0]).startswith('\u2581'):
+        text = ' ' + text
+      out.append(text)
+      run.clear()
     for i in (int(i) for i in ids):
       if i < self.num_pieces:
         run.append(i)
-        continue
-      out.append(self._sp.decode(run))
-      run = []
-      if i >= first_extra:
+      elif i >= first_extra:
+        flush()
         out.append(f'<extra_id_{self.vocab_size - 1 - i}>')
-    out.append(self._sp.decode(run))
+    flush()
     return ''.join(out)
 
   def piece(self, i: int) -> str:
