@@ -52,12 +52,18 @@ _PLAN, _EPOCH, _NOISE = 1, 2, 3     # distinct streams of the numpy seed sequenc
 
 
 def config_defaults(objective: str) -> dict:
-  """config.data fields TextData reads (a config may override any of them)."""
+  """config.data fields TextData reads (a config may override any of them).
+
+  The caps matter for web-scale datasets only (debian_docs has 8.7M training tokens):
+  the tokenizer trains on at most `tokenizer_max_chars` characters of the train split,
+  sampling `tokenizer_max_sentences` lines; a split is tokenised in TFDS's reading order
+  until `max_train_tokens` / `max_eval_tokens` (whole documents; None = all).
+  """
   d = dict(name=text_corpus.NAME, data_dir=None, train_split='train', eval_split='validation',
            text_key='text', vocab_size=4096, num_extra_ids=100, tokenizer_path=None,
-           tokenizer_max_sentences=2_000_000, pack=True, eval_seed=0, eval_max_rows=None,
-           max_train_tokens=None, max_eval_tokens=None, cache_dir=None, check_sources=True,
-           download=True)
+           tokenizer_max_sentences=2_000_000, tokenizer_max_chars=100_000_000, pack=True,
+           eval_seed=0, eval_max_rows=None, max_train_tokens=100_000_000,
+           max_eval_tokens=2_000_000, cache_dir=None, check_sources=True, download=True)
   if objective == 'causal_lm':
     d.update(seq_len=128)
   else:
@@ -287,10 +293,14 @@ def load_or_train_tokenizer(name: str, data_dir: str, c: dict, ident: dict, cach
   """config.data.tokenizer_path if set, else the cached model trained on the train split."""
   if c['tokenizer_path']:
     return Tokenizer(c['tokenizer_path'], c['vocab_size'], c['num_extra_ids'])
-  path = os.path.join(cache, f'spm_unigram_v{c["vocab_size"]}_x{c["num_extra_ids"]}_r{RECIPE}_'
-                             f'{c["train_split"]}_{ident["checksum"][:12]}.model')
+  # Everything the model depends on names its file, so a cached model is the right one.
+  recipe = [RECIPE, c['vocab_size'], c['num_extra_ids'], c['train_split'], c['text_key'],
+            c['tokenizer_max_chars'], c['tokenizer_max_sentences'], ident['checksum']]
+  key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
+  path = os.path.join(cache, f'spm_unigram_v{c["vocab_size"]}_{key}.model')
   if not os.path.exists(path):
-    train_sentencepiece(text_lines(_texts(name, c['train_split'], data_dir, c['text_key'])), path,
+    texts = _texts(name, c['train_split'], data_dir, c['text_key'])
+    train_sentencepiece(text_lines(texts, c['tokenizer_max_chars']), path,
                         c['vocab_size'], num_extra_ids=c['num_extra_ids'],
                         max_sentences=c['tokenizer_max_sentences'])
   return Tokenizer(path, c['vocab_size'], c['num_extra_ids'])

@@ -46,7 +46,9 @@ def prepare_text(name: str = text_corpus.NAME, data_dir: str | None = None, *,
              'path': tok.path, 'num_pieces': tok.num_pieces, 'tokens': {}, 'tokenize_seconds': {}}
     for s in splits:
       t = time.perf_counter()
-      split = tokenize_split(name, data_dir, s, tok, c, ident, cache)
+      # The caps TextData uses, so that it finds these arrays in the cache.
+      cap = c['max_train_tokens'] if s == c['train_split'] else c['max_eval_tokens']
+      split = tokenize_split(name, data_dir, s, tok, c, ident, cache, cap)
       entry['tokens'][s] = split.num_tokens
       entry['tokenize_seconds'][s] = round(time.perf_counter() - t, 1)
     report['vocab'][int(vocab)] = entry

@@ -17,7 +17,7 @@ import hashlib
 import io
 import os
 import tempfile
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -133,9 +133,14 @@ def train_sentencepiece(sentences: Iterable[str], path: str, vocab_size: int, *,
   return hashlib.sha256(proto).hexdigest()
 
 
-def text_lines(texts: Iterable[str]) -> Iterable[str]:
-  """Documents -> their non-blank lines (SentencePiece's unit of training text)."""
+def text_lines(texts: Iterable[str], max_chars: int | None = None) -> Iterator[str]:
+  """Documents -> their non-blank lines (SentencePiece's unit of training text), stopping
+  after the document that brings the total past `max_chars`."""
+  total = 0
   for text in texts:
     for line in text.splitlines():
       if line.strip():
         yield line
+    total += len(text)
+    if max_chars and total >= max_chars:
+      return

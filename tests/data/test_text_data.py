@@ -3,6 +3,7 @@ resume, processes, eval padding, the recorded tokenizer, and tfds mock data."""
 import collections
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -20,7 +21,8 @@ SPAN_KEYS = {'inputs', 'input_segment_ids', 'input_positions', 'decoder_inputs',
 
 def make(tiny_corpus, objective, batch_size=4, seed=0, eval_batch_size=8, **cfg):
   length = {'seq_len': 32} if objective == 'causal_lm' else {'inputs_length': 32}
-  return TextData.from_config({'data_dir': tiny_corpus[1], 'vocab_size': VOCAB, **length, **cfg},
+  cfg = ml_collections.ConfigDict({'data_dir': tiny_corpus[1], 'vocab_size': VOCAB, **length, **cfg})
+  return TextData.from_config(cfg,
                               objective=objective, batch_size=batch_size,
                               eval_batch_size=eval_batch_size, seed=seed)
 
@@ -70,6 +72,11 @@ def test_causal_lm_rows_hold_every_document_piece_once(tiny_corpus):
   got = [tuple(v) for b in rows for v in segments(b['targets'], b['segment_ids']).values()]
   assert collections.Counter(got) == collections.Counter(want)
   assert max(b['segment_ids'].max() for b in rows) >= 3          # rows really pack documents
+  unpacked = make(tiny_corpus, 'causal_lm', batch_size=1, pack=False)
+  rows = epoch_rows(unpacked)
+  assert max(b['segment_ids'].max() for b in rows) == 1
+  got = [tuple(v) for b in rows for v in segments(b['targets'], b['segment_ids']).values()]
+  assert collections.Counter(got) == collections.Counter(want)
   assert data.tokenizer_info['tokens']['train'] == sum(len(d) for d in documents(data))
 
 

@@ -56,6 +56,7 @@ def test_training_is_deterministic(model, tmp_path, doc_lines):
 
 def test_text_lines_drops_blank_lines():
   assert list(text_lines(['a\n\n  \nb c', 'd'])) == ['a', 'b c', 'd']
+  assert list(text_lines(['a\nb', 'c', 'd'], max_chars=4)) == ['a', 'b', 'c']
 
 
 def test_other_id_layouts_are_refused(tmp_path, doc_lines):
