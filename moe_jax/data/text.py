@@ -133,7 +133,8 @@ class TextData:
   lengths: dict = None           # feature -> row length
   train_size: int = 0            # packed training rows
   _train: tuple = None           # (stream, piece start, piece length, row_ptr, items)
-  _eval: list | None = None
+  _eval_plan: tuple = None       # the same for the eval split
+  _eval: list | None = None      # the eval batches, made once
   _perm: tuple = (None, None)    # (epoch, its permutation)
 
   @classmethod
@@ -178,10 +179,13 @@ class TextData:
     if self.objective == 'causal_lm':
       self.lengths = {'targets': int(c['seq_len'])}
     else:
-      raw, targets = obj.raw_length_for(c['inputs_length'], c['noise_density'],
-                                        c['mean_noise_span_length'])
-      self.lengths = {'inputs': int(c['inputs_length']),
-                      'targets': int(c['targets_length'] or targets), 'raw': raw}
+      density, mean = c['noise_density'], c['mean_noise_span_length']
+      raw, targets = obj.raw_length_for(c['inputs_length'], density, mean)
+      targets = int(c['targets_length'] or targets)
+      # A shorter targets length than T5's formula gives shortens the raw segments too.
+      while raw > 2 and obj.corrupted_lengths(raw, density, mean)[1] > targets:
+        raw -= 1
+      self.lengths = {'inputs': int(c['inputs_length']), 'targets': targets, 'raw': raw}
     self._train = self._plan(train, self.seed)
     self.train_size = len(self._train[3]) - 1
     if self.train_size < self.batch_size:

@@ -104,6 +104,14 @@ def test_span_corruption_rows_reconstruct_every_raw_segment(tiny_corpus):
   assert collections.Counter(got) == collections.Counter(want)
 
 
+def test_span_corruption_with_shorter_targets(tiny_corpus):
+  data = make(tiny_corpus, 'span_corruption', targets_length=6)
+  assert data.lengths['targets'] == 6 and data.lengths['raw'] < text_objectives.raw_length_for(32)[0]
+  assert text_objectives.corrupted_lengths(data.lengths['raw'])[1] <= 6
+  b = data.train_batch(0)
+  assert b['targets'].shape == (4, 6) and b['inputs'].shape == (4, 32)
+
+
 def _reconstruct(inputs, targets, num_sentinels=100):
   spans, cur = {}, None
   for t in targets[:-1]:
