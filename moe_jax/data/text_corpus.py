@@ -141,11 +141,27 @@ def sources_from(manifest: dict) -> tuple[Source, ...]:
   return tuple(Source(**{**s, 'exclude': tuple(s['exclude'])}) for s in manifest['sources'])
 
 
-def installed_checksum(manifest: dict) -> str | None:
-  """The checksum of the files now installed where `manifest`'s sources were; None if
-  none of them is installed (the prepared copy was moved to another machine)."""
+def installed_rows(manifest: dict) -> list[tuple] | None:
+  """(key, split, size, sha256, path) of the files now installed where `manifest`'s
+  sources were; None if none is (the prepared copy was moved to another machine)."""
   files = list_files(sources_from(manifest))
-  return _checksum(_file_lines(files, manifest['split_weights'])) if files else None
+  return list(_file_lines(files, manifest['split_weights'])) if files else None
+
+
+def installed_checksum(manifest: dict) -> str | None:
+  rows = installed_rows(manifest)
+  return _checksum(rows) if rows is not None else None
+
+
+def _differences(manifest: dict, rows: list[tuple]) -> str:
+  """'2 changed, 1 added, 0 removed (e.g. a/b.rst)' between the manifest and `rows`."""
+  then = {k: tuple(v) for k, *v in manifest['file_list']}
+  now = {k: tuple(v) for k, *v in (r[:4] for r in rows)}
+  changed = [k for k in then.keys() & now.keys() if then[k] != now[k]]
+  added, removed = now.keys() - then.keys(), then.keys() - now.keys()
+  example = sorted(changed or added or removed)[:1]
+  return (f'{len(changed)} changed, {len(added)} added, {len(removed)} removed'
+          + (f' (e.g. {example[0]})' if example else ''))
 
 
 class DebianDocs(tfds.core.GeneratorBasedBuilder):
@@ -214,14 +230,16 @@ def check_manifest(data_dir: str) -> None:
   if manifest is None:
     raise ManifestMismatchError(f'{NAME} in {data_dir} has no manifest; re-prepare it: '
                                 '`python -m moe_jax.data.text_prepare --reprepare`.')
-  now = installed_checksum(manifest)
+  rows = installed_rows(manifest)
+  now = _checksum(rows) if rows is not None else None
   if now is not None and now != manifest['checksum']:
     then = manifest['packages']
     versions = package_versions(list(then))
     raise ManifestMismatchError(
         f'the {NAME} copy in {data_dir} was prepared from {then} (checksum '
         f'{manifest["checksum"][:12]}), but the installed files now differ ({versions}, checksum '
-        f'{now[:12]}); results from the two would not be comparable. Either re-prepare from the '
+        f'{now[:12]}; files: {_differences(manifest, rows)}); results from the two would not '
+        f'be comparable. Either re-prepare from the '
         f'installed files (new checksum, new tokenizer): `python -m moe_jax.data.text_prepare '
         f'--reprepare`, or keep the prepared copy as it is: reinstall the versions above, or set '
         f'config.data.check_sources=False.')

@@ -69,6 +69,7 @@ def test_changed_sources_are_detected_not_mixed(tmp_path):
   with pytest.raises(text_corpus.ManifestMismatchError) as e:
     text_corpus.ensure_text_prepared('debian_docs', data_dir)
   assert '--reprepare' in str(e.value) and 'check_sources=False' in str(e.value)
+  assert '1 changed, 0 added, 0 removed (e.g. tiny/howto/argparse.rst.txt)' in str(e.value)
   # The user may keep the old copy deliberately ...
   assert text_corpus.ensure_text_prepared('debian_docs', data_dir, check_sources=False) == data_dir
   # ... or re-prepare: a new checksum, which every run records.
