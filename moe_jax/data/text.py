@@ -31,21 +31,18 @@ fixed seed (config.data.eval_seed), so every arm and seed evaluates on the same 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import tempfile
 from typing import Iterator
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
 from moe_jax.data import text_corpus
-from moe_jax.errors import ConfigError
 from moe_jax.data import text_objectives as obj
+from moe_jax.data.text_cache import (Split, cache_dir, dataset_identity, load_or_train_tokenizer,
+                                     tokenize_split)
 from moe_jax.data.text_packing import chunk_documents, pack_plan, pack_rows
-from moe_jax.data.tokenizer import RECIPE, Tokenizer, text_lines, train_sentencepiece
+from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.errors import ConfigError
 
 OBJECTIVES = ('causal_lm', 'span_corruption')
 _PLAN, _EPOCH, _NOISE = 1, 2, 3     # distinct streams of the numpy seed sequence
@@ -70,52 +67,6 @@ def config_defaults(objective: str) -> dict:
     d.update(inputs_length=128, targets_length=None, noise_density=obj.NOISE_DENSITY,
              mean_noise_span_length=obj.MEAN_NOISE_SPAN_LENGTH)
   return d
-
-
-@dataclasses.dataclass
-class Split:
-  """A tokenised split: docs[i] = tokens[starts[i]:starts[i + 1]] (no EOS)."""
-  tokens: np.ndarray       # [T] int32
-  starts: np.ndarray       # [D + 1] int64
-
-  @property
-  def num_tokens(self) -> int:
-    return len(self.tokens)
-
-
-def _atomic_save(path: str, **arrays):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz.tmp')
-  with os.fdopen(fd, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
-def _texts(name, split, data_dir, text_key) -> Iterator[str]:
-  ds = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False)
-  for ex in tfds.as_numpy(ds):
-    yield ex[text_key].decode('utf-8', errors='replace')
-
-
-def cache_dir(name: str, data_dir: str, override: str | None = None) -> str:
-  """Where tokenizers and token arrays live: beside the TFDS files unless overridden."""
-  path = override or os.path.join(data_dir, tfds.builder(name, data_dir=data_dir).info.full_name,
-                                  'moe_jax')
-  os.makedirs(path, exist_ok=True)
-  return path
-
-
-def dataset_identity(name: str, data_dir: str) -> dict:
-  """{'dataset': name:version, 'checksum': ...}: debian_docs' manifest checksum, else a hash
-  of TFDS's own split metadata (example and byte counts)."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  ident = {'dataset': f'{builder.name}:{builder.version}'}
-  manifest = dict(builder.info.metadata or {}).get('manifest') if builder.is_prepared() else None
-  if manifest:
-    ident.update(checksum=manifest['checksum'], packages=manifest['packages'])
-  else:
-    splits = {k: [v.num_examples, v.num_bytes] for k, v in sorted(builder.info.splits.items())}
-    ident['checksum'] = hashlib.sha256(json.dumps([ident['dataset'], splits]).encode()).hexdigest()
-  return ident
 
 
 @dataclasses.dataclass
@@ -262,7 +213,8 @@ class TextData:
     """This process's rows of global batch `step`, a pure function of (seed, step)."""
     epoch, i = divmod(int(step), self.steps_per_epoch)
     if self._perm[0] != epoch:
-      self._perm = (epoch, np.random.default_rng([self.seed, _EPOCH, epoch]).permutation(self.train_size))
+      rng = np.random.default_rng([self.seed, _EPOCH, epoch])
+      self._perm = (epoch, rng.permutation(self.train_size))
     lo = i * self.batch_size + jax.process_index() * self.local_batch_size
     rows = self._perm[1][lo:lo + self.local_batch_size]
     first = jax.process_index() * self.local_batch_size
@@ -291,51 +243,3 @@ class TextData:
         keys = [[self.cfg['eval_seed'], _NOISE, int(r)] for r in rows]
         self._eval.append(self._rows(self._eval_plan, np.where(rows < total, rows, -1), keys))
     yield from self._eval
-
-
-def load_or_train_tokenizer(name: str, data_dir: str, c: dict, ident: dict, cache: str) -> Tokenizer:
-  """config.data.tokenizer_path if set, else the cached model trained on the train split."""
-  if c['tokenizer_path']:
-    return Tokenizer(c['tokenizer_path'], c['vocab_size'], c['num_extra_ids'])
-  # Everything the model depends on names its file, so a cached model is the right one.
-  recipe = [RECIPE, c['vocab_size'], c['num_extra_ids'], c['train_split'], c['text_key'],
-            c['tokenizer_max_chars'], c['tokenizer_max_sentences'], ident['checksum']]
-  key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
-  path = os.path.join(cache, f'spm_unigram_v{c["vocab_size"]}_{key}.model')
-  if not os.path.exists(path):
-    texts = _texts(name, c['train_split'], data_dir, c['text_key'])
-    train_sentencepiece(text_lines(texts, c['tokenizer_max_chars']), path,
-                        c['vocab_size'], num_extra_ids=c['num_extra_ids'],
-                        max_sentences=c['tokenizer_max_sentences'])
-  return Tokenizer(path, c['vocab_size'], c['num_extra_ids'])
-
-
-def tokenize_split(name: str, data_dir: str, split: str, tokenizer: Tokenizer, c: dict,
-                   ident: dict, cache: str, max_tokens: int | None = None) -> Split:
-  """The split as one flat int32 array (cached), documents in TFDS's reading order."""
-  key = hashlib.sha256(json.dumps([ident['checksum'], split, c['text_key'], tokenizer.sha256,
-                                   max_tokens]).encode()).hexdigest()[:16]
-  path = os.path.join(cache, f'tokens_{split.replace("/", "_")}_{key}.npz')
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return Split(f['tokens'], f['starts'])
-  chunks, sizes, total, batch = [], [], 0, []
-
-  def flush():
-    nonlocal total, batch
-    for ids in tokenizer.encode_batch(batch):
-      chunks.append(np.asarray(ids, np.int32))
-      sizes.append(len(ids))
-      total += len(ids)
-    batch = []
-  for text in _texts(name, split, data_dir, c['text_key']):
-    batch.append(text)
-    if len(batch) == 256:
-      flush()
-      if max_tokens and total >= max_tokens:
-        break
-  flush()
-  tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-  starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-  _atomic_save(path, tokens=tokens, starts=starts)
-  return Split(tokens, starts)

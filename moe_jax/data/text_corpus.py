@@ -167,7 +167,8 @@ def _differences(manifest: dict, rows: list[tuple]) -> str:
 class DebianDocs(tfds.core.GeneratorBasedBuilder):
   """Debian's reST documentation as a text dataset (see the module doc)."""
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'python3.11-doc + linux-doc-6.1 reST (no translations), 98/1/1 by path hash.'}
+  RELEASE_NOTES = {
+      '1.0.0': 'python3.11-doc + linux-doc-6.1 reST (no translations), 98/1/1 by path hash.'}
 
   def __init__(self, *, sources: Sequence[Source] | None = None,
                split_weights: Sequence[int] = SPLIT_WEIGHTS, **kwargs):
@@ -278,6 +279,8 @@ def ensure_text_prepared(name: str = NAME, data_dir: str | None = None, *,
   if not list_files(sources or DEFAULT_SOURCES):
     raise MissingDataError(f'TFDS dataset {name!r} is not prepared in {data_dir} and its source '
                            f'files are not installed. ' + remedies(data_dir))
-  DebianDocs(sources=sources, split_weights=split_weights or SPLIT_WEIGHTS, data_dir=data_dir).download_and_prepare(
+  builder = DebianDocs(sources=sources, split_weights=split_weights or SPLIT_WEIGHTS,
+                       data_dir=data_dir)
+  builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return data_dir

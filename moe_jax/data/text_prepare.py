@@ -15,7 +15,9 @@ import time
 
 from moe_jax.data import text_corpus
 from moe_jax.data.prepare import MissingDataError
-from moe_jax.data.text import cache_dir, config_defaults, dataset_identity, load_or_train_tokenizer, tokenize_split
+from moe_jax.data.text import config_defaults
+from moe_jax.data.text_cache import (cache_dir, dataset_identity, load_or_train_tokenizer,
+                                     tokenize_split)
 
 
 def prepare_text(name: str = text_corpus.NAME, data_dir: str | None = None, *,
@@ -60,7 +62,8 @@ def prepare_text(name: str = text_corpus.NAME, data_dir: str | None = None, *,
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--name', default=text_corpus.NAME)
-  p.add_argument('--data_dir', default=None, help='TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)')
+  p.add_argument('--data_dir', default=None,
+                 help='TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)')
   p.add_argument('--vocab_sizes', default='4096,8192')
   p.add_argument('--splits', default=','.join(text_corpus.SPLITS))
   p.add_argument('--reprepare', action='store_true', help='delete the prepared copy and prepare again')

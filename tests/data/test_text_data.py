@@ -88,13 +88,15 @@ def test_span_corruption_rows_reconstruct_every_raw_segment(tiny_corpus):
           if len(d[o:o + raw]) >= 2]
   got = []
   for b in epoch_rows(data):
-    assert set(b) == SPAN_KEYS and b['inputs'].shape == (1, 32) and b['targets'].shape == (1, targets_length)
+    assert set(b) == SPAN_KEYS
+    assert b['inputs'].shape == (1, 32) and b['targets'].shape == (1, targets_length)
     ins = segments(b['inputs'], b['input_segment_ids'])
     tgs = segments(b['targets'], b['target_segment_ids'])
     assert ins.keys() == tgs.keys()
     np.testing.assert_array_equal(b['weights'], b['target_segment_ids'] > 0)
     pos = b['target_positions']
-    np.testing.assert_array_equal(b['decoder_inputs'][:, 1:][pos[:, 1:] > 0], b['targets'][:, :-1][pos[:, 1:] > 0])
+    later = pos[:, 1:] > 0
+    np.testing.assert_array_equal(b['decoder_inputs'][:, 1:][later], b['targets'][:, :-1][later])
     for key in ins:
       a, t = ins[key], tgs[key]
       assert a[-1] == t[-1] == 1 and t[0] == VOCAB - 1      # EOS on both; <extra_id_0> first
@@ -139,7 +141,8 @@ def test_batches_are_a_function_of_seed_and_step(tiny_corpus, objective):
   other = make(tiny_corpus, objective, seed=1)
   assert any((a.train_batch(s)['targets'] != other.train_batch(s)['targets']).any() for s in steps)
   assert a.position(7) == {'seed': 0, 'next_step': 7, 'steps_per_epoch': a.steps_per_epoch,
-                           'rows': a.train_size, 'dataset_checksum': a.tokenizer_info['dataset_checksum'],
+                           'rows': a.train_size,
+                           'dataset_checksum': a.tokenizer_info['dataset_checksum'],
                            'tokenizer_sha256': a.tokenizer.sha256}
 
 
