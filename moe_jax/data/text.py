@@ -54,7 +54,8 @@ def config_defaults(objective: str) -> dict:
   The caps matter for web-scale datasets only (debian_docs has 8.7M training tokens):
   the tokenizer trains on at most `tokenizer_max_chars` characters of the train split,
   sampling `tokenizer_max_sentences` lines; a split is tokenised in TFDS's reading order
-  until `max_train_tokens` / `max_eval_tokens` (whole documents; None = all).
+  until `max_train_tokens` / `max_eval_tokens` (whole documents; 0 = all). A field set
+  to None keeps its default.
   """
   d = dict(name=text_corpus.NAME, data_dir=None, train_split='train', eval_split='validation',
            text_key='text', vocab_size=4096, num_extra_ids=100, tokenizer_path=None,
