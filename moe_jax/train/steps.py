@@ -89,7 +89,7 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
   graphdef = nnx.graphdef((model, optimizer))
 
   def train_step(state, batch):
-    old_state = state
+    old_leaves = jax.tree.leaves(state)     # arrays: the merge below shares its Variables
     model, optimizer = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -116,7 +116,9 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
     metrics.update(routing_scalars(aux))
     new_state = nnx.state((model, optimizer))
     if skip_nonfinite:
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+      leaves, treedef = jax.tree.flatten(new_state)
+      new_state = jax.tree.unflatten(treedef, [jnp.where(finite, new, old)
+                                               for new, old in zip(leaves, old_leaves)])
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())

@@ -145,6 +145,9 @@ def check_workdir(workdir: str) -> None:
   probe = path
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ConfigError(f'{probe} is a file, so {workdir} cannot be created; choose another '
+                      '--workdir.', field='workdir')
   if not os.access(probe, os.W_OK | os.X_OK):
     raise ConfigError(f'{probe} is not writable, so {workdir} cannot be '
                       f'{"written" if probe == path else "created"}; choose another --workdir.',
@@ -260,8 +263,12 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore, all
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   hooks = [report] if jax.process_index() == 0 else []
-  window, unchecked, stopped = [], [], False
-  train_time = window_time = 0.0
+  # A resumed run continues the logging window it was in, so its logged means are the
+  # uninterrupted run's.
+  window = [(s, m) for s, m in meta.get('log_window', [])]
+  window_time = meta.get('log_window_time', 0.0)
+  unchecked, stopped = [], False
+  train_time = 0.0
   skipped = meta.get('skipped_steps', 0)
   with metric_writers.ensure_flushes(writer), _StopFlag() as flag:
     step = start
@@ -287,12 +294,16 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore, all
           host = jax.device_get(unchecked)
           unchecked = []
           skipped = _check_finite(config, host, skipped, step)
+          window = jax.device_get(window)
         if log_now:
-          means = _mean_metrics(jax.device_get(window), window_time)
+          means = _mean_metrics(window, window_time)
           writer.write_scalars(step, means)
           # Every process holds the (replicated) loss: results.json of any process has it.
           meta.setdefault('train_loss', []).append([step, means['train/loss']])
           window, window_time = [], 0.0
+        if save_now or log_now:
+          meta['log_window'] = [[s, {k: float(v) for k, v in m.items()}] for s, m in window]
+          meta['log_window_time'] = window_time
         for h in hooks:
           h(step)
         if eval_now:

@@ -142,30 +142,55 @@ def test_short_run_then_interrupted_and_resumed_run_match(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
                     reason='dataset-fashion-mnist is not installed')
-def test_cli_trains_on_the_local_fashion_mnist(tmp_path):
-  """The real command on Debian's Fashion-MNIST (a 2000-image test split, prepared offline)."""
+def test_cli_trains_on_the_local_fashion_mnist_and_its_exit_statuses_say_what_happened(tmp_path):
+  """The real command on Debian's Fashion-MNIST (a 2000-image test split, prepared offline):
+  stopped (75), resumed to the end (0), bad input (2), diverged (3); the cause is printed
+  once, without a traceback."""
   from moe_jax.data import prepare
   files = {'test': prepare.find_idx_files(prepare.DEFAULT_IDX_DIR)['test']}
   prepare.LocalFashionMnist(idx_files=files, limit=2000, data_dir=str(tmp_path / 'tfds')).download_and_prepare()
-  cmd = [sys.executable, '-m', 'moe_jax.train.main', '--config=configs/vit/fashion_mnist.py:dense,tiny',
-         f'--workdir={tmp_path / "wd"}', f'--config.data.data_dir={tmp_path / "tfds"}',
-         '--config.model.width=16', '--config.model.mlp_dim=32', '--config.model.num_heads=2',
-         '--config.data.train_split=test[:1500]', '--config.data.eval_split=test[1500:]',
-         '--config.num_train_steps=4', '--config.log_every_steps=2', '--config.eval_every_steps=4',
-         '--config.model.patch_size=7', '--config.model.depth=2', '--config.count_flops=False',
-         '--config.optimizer.warmup_steps=1']
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+
+  def cli(workdir, *extra):
+    cmd = [sys.executable, '-m', 'moe_jax.train.main', '--config=configs/vit/fashion_mnist.py:dense,tiny',
+           f'--workdir={workdir}', f'--config.data.data_dir={tmp_path / "tfds"}',
+           '--config.model.width=16', '--config.model.mlp_dim=32', '--config.model.num_heads=2',
+           '--config.data.train_split=test[:1500]', '--config.data.eval_split=test[1500:]',
+           '--config.num_train_steps=4', '--config.log_every_steps=2', '--config.eval_every_steps=4',
+           '--config.checkpoint_every_steps=2', '--config.model.patch_size=7',
+           '--config.model.depth=2', '--config.count_flops=False',
+           '--config.optimizer.warmup_steps=1', *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+
+  wd = tmp_path / 'wd'
+  out = cli(wd, '--stop_at_step=2')
+  assert out.returncode == 75, out.stderr[-3000:]
+  assert 'rerun the same command to resume' in out.stdout
+  out = cli(wd)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'test accuracy' in out.stdout
-  results = json.load(open(tmp_path / 'wd' / 'results.json'))
+  assert 'test accuracy' in out.stdout and 'Traceback' not in out.stderr
+  results = json.load(open(wd / 'results.json'))
   assert results['steps'] == 4 and results['config']['data']['train_split'] == 'test[:1500]'
-  # A bad value stops the trainer before any work (in-process: a second CLI start costs
-  # as much as the run above).
-  bad = tiny_config('dense,tiny', **{'model.moe.router': 'nope'})
-  with pytest.raises(ValueError, match="config.model.moe.router: 'nope'"):
-    train_and_evaluate(bad, str(tmp_path / 'bad'))
-  assert not os.path.exists(tmp_path / 'bad')
+
+  out = cli(tmp_path / 'bad', '--config.model.moe.router=nope')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.count("config.model.moe.router: 'nope'") == 1
+  assert not (tmp_path / 'bad').exists()
+
+  out = cli(tmp_path / 'nan', '--config.optimizer.learning_rate=1e6',
+            '--config.optimizer.grad_clip_norm=0', '--config.num_train_steps=8',
+            '--config.eval_every_steps=8')
+  assert out.returncode == 3, out.stderr[-3000:]
+  assert 'diverged (exit status 3): training diverged at step' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_a_signal_sets_the_stop_flag_and_says_which():
+  import signal
+  from moe_jax.train.trainer import _StopFlag
+  with _StopFlag() as flag:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.stop and flag.signal == signal.SIGTERM
 
 
 def test_hash_router_with_patch_content_ids_trains_in_the_vit():
