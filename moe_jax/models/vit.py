@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.layers import MoeLayer, get_router_class
+from moe_jax.layers import LayerContext, MoeLayer
 from moe_jax.models.placement import moe_block_indices
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
 
@@ -120,16 +120,13 @@ class Block(nnx.Module):
 
 def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: dict, *, dtype,
                rngs: nnx.Rngs) -> MoeLayer:
-  router = moe.get('router', 'soft_moe')
-  router_kwargs = dict(moe.get('router_kwargs') or {})
-  # Routers sized by tokens per group (Soft MoE with a capacity factor) get it filled in.
-  if ('capacity_factor' in router_kwargs
-      and 'num_tokens' in inspect.signature(get_router_class(router).__init__).parameters):
-    router_kwargs.setdefault('num_tokens', tokens_per_group)
-  return MoeLayer(width, moe['num_experts'], moe.get('expert_hidden') or mlp_dim, router=router,
-                  router_kwargs=router_kwargs, engine=moe.get('engine', 'gather'),
+  return MoeLayer(width, moe['num_experts'], moe.get('expert_hidden') or mlp_dim,
+                  router=moe.get('router', 'soft_moe'),
+                  router_kwargs=dict(moe.get('router_kwargs') or {}),
+                  engine=moe.get('engine', 'gather'),
                   activation=moe.get('activation', 'gelu'), glu=moe.get('glu', False),
-                  group_size=moe.get('group_size'), dtype=dtype, rngs=rngs)
+                  group_size=moe.get('group_size'), dtype=dtype,
+                  context=LayerContext(tokens_per_group=tokens_per_group), rngs=rngs)
 
 
 class ViT(nnx.Module):

@@ -10,8 +10,9 @@ averages) is carried out of the step like BatchNorm statistics.
 
 Score-function routers (`reinforce`) report `reinforce_log_prob` [G, S] in their metrics;
 the loss adds their REINFORCE surrogate with reward = -(the example's task loss),
-broadcast to its tokens, and the step then moves each router's moving-average baseline
-(`update_reinforce_baselines`), non-Param state like DeepSeek's bias.
+broadcast to its tokens (`layers.score_function_loss`), and after the optimizer update
+the step calls `layers.after_step`, which moves each router's non-Param state (the
+REINFORCE baseline, DeepSeek's bias).
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax.layers.routers_reinforce import update_reinforce_baselines
-from moe_jax.routing import reinforce as reinforce_lib
+from moe_jax import layers
 
 Array = jax.Array
 
@@ -51,31 +51,10 @@ def loss_terms(logits: Array, labels: Array, aux: dict, *,
   aux_losses = {f'{layer}/{name}': v for layer, a in aux.items() for name, v in a['losses'].items()}
   aux_total = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
   rewards = -jax.lax.stop_gradient(per_example)
-  surrogate = reinforce_loss(aux, rewards)
+  surrogate = layers.score_function_loss(aux, rewards)
   return task + aux_total + surrogate, dict(
       per_example_loss=per_example, rewards=rewards, task_loss=task, aux_loss=aux_total,
       aux_losses=aux_losses, reinforce_loss=surrogate)
-
-
-def reinforce_loss(aux: dict, rewards: Array) -> Array:
-  """Σ over score-function MoE layers of `routing.reinforce_surrogate`.
-
-  Args:
-    aux: the model's {layer: {'losses', 'metrics'}}; a layer takes part when its metrics
-      hold `reinforce_log_prob` [G, S'] (G·S' = B·S tokens in example order) and
-      `reinforce_baseline` (scalar).
-    rewards: [B] per-example rewards (stop-gradient), broadcast to the example's tokens.
-  Returns:
-    Scalar (0 when no layer takes part).
-  """
-  total = jnp.zeros((), jnp.float32)
-  for a in aux.values():
-    m = a['metrics']
-    if reinforce_lib.LOG_PROB_KEY in m:
-      log_prob = m[reinforce_lib.LOG_PROB_KEY].reshape(rewards.shape[0], -1)   # [B, S]
-      total = total + reinforce_lib.reinforce_surrogate(log_prob, rewards,
-                                                        m[reinforce_lib.BASELINE_KEY])
-  return total
 
 
 def routing_scalars(aux: dict) -> dict[str, Array]:
@@ -125,8 +104,9 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
     nnx.update(model, new_rest)
     lr = schedule(optimizer.step[...])
     optimizer.update(model, grads)
-    # After the surrogate used the old baseline (no-op without reinforce routers).
-    update_reinforce_baselines(model, terms['rewards'])
+    # Router state after the optimizer step (REINFORCE baseline, DeepSeek bias), after
+    # the surrogate used the old baseline.
+    layers.after_step(model, terms['rewards'])
     metrics = dict(loss=loss, task_loss=terms['task_loss'], aux_loss=terms['aux_loss'],
                    reinforce_loss=terms['reinforce_loss'],
                    accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']),
