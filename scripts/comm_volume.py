@@ -79,8 +79,8 @@ def main():
     a2a = got.get('all-to-all', [])
     elem = jnp.dtype(dtype).itemsize
     capacity = capacity_of(router, kwargs, tokens)
-    formula = hlo_comm.all_to_all_bytes(groups=groups, num_experts=E, capacity=capacity, d_model=d,
-                                    dtype_bytes=elem)
+    formula = hlo_comm.all_to_all_bytes(groups=groups, num_experts=E, capacity=capacity,
+                                        d_model=d, dtype_bytes=elem)
     # XLA:CPU upcasts 16-bit collectives to float32 when compiling (GPU/TPU do not).
     compiled_formula = formula * (4 // elem if jax.default_backend() == 'cpu' else 1)
     row = dict(router=router, **kwargs, tokens_per_group=tokens, groups_per_device=groups,

@@ -1,6 +1,5 @@
 """What a trainer calls for any model: `score_function_loss`, `after_step` (on every router
 of the model) and `recording_moe_calls` (FLOP accounting)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
