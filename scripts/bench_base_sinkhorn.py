@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.routing import base, sinkhorn
+from moe_jax.routing import base_layers, sinkhorn
 
 SHAPES = [(128, 48, 8), (8, 392, 8), (16, 256, 32)]     # [G, S, E]
 
@@ -27,7 +27,7 @@ def timed(fn, a, reps=5):
 
 
 def main():
-  fns = dict(base_ms=jax.jit(base.balanced_assignment),
+  fns = dict(base_ms=jax.jit(base_layers.balanced_assignment),
              sinkhorn_ms=jax.jit(lambda l: sinkhorn.sinkhorn_potentials(l)[1]),
              greedy_ms=jax.jit(lambda l: jnp.argmax(l, -1)))
   out = {'device': str(jax.devices()[0])}

@@ -44,12 +44,11 @@ ROUTER_ENGINES = {   # router -> engines that run it natively (others delegate)
     'experts_choice': ('einsum', 'gather'),
     'soft_moe': ('einsum', 'gather'),     # gather: einsum dispatch/combine, expert blocks
 }
-ENGINE_ORDER = ['einsum', 'gather', 'gather_scatter', 'gather_batched', 'dropless', 'dropless_ragged']
-# --ablation: token choice only; name -> (engine, largest E to run it at).
+ENGINE_ORDER = ['einsum', 'gather', 'gather_batched', 'dropless', 'dropless_ragged']
+# --ablation: token choice only; row name -> (engine, engine_kwargs, largest E to run it at).
 ABLATION_ENGINES = {
-    'gather_scatter': (engines_lib.GatherEngine(combine='scatter'), 1 << 30),
-    'gather_batched': (engines_lib.GatherEngine(experts_impl='batched'), 1 << 30),
-    'dropless_ragged': (engines_lib.DroplessEngine(impl='ragged'), 8),   # E x FLOPs on CPU
+    'gather_batched': ('gather', dict(experts_impl='batched'), 1 << 30),
+    'dropless_ragged': ('dropless', dict(impl='ragged'), 8),   # E x FLOPs on CPU
 }
 
 
@@ -62,7 +61,8 @@ def parse_args(argv=None):
   p.add_argument('--ks', default='1,2')
   p.add_argument('--routers', default=','.join(ROUTER_ENGINES))
   p.add_argument('--engines', default='einsum,gather,dropless')
-  p.add_argument('--ablation', action='store_true', help='add the scatter-combine gather engine')
+  p.add_argument('--ablation', action='store_true',
+                 help='add the batched-experts gather engine and ragged_dot dropless')
   p.add_argument('--tokens', type=int, default=32768 if gpu else 8192)
   p.add_argument('--group-size', type=int, default=512,
                  help='tokens per routing group S of token / expert choice (a T5 sequence)')
@@ -105,13 +105,25 @@ def make_moe(a, e, router, k):
                          dtype=jnp.dtype(a.dtype), rngs=nnx.Rngs(0))
 
 
+def engine_of(a, row_engine):
+  """The engine object of a table row: its name, or an ablation variant; the dropless
+  options from the command line."""
+  if row_engine in ABLATION_ENGINES:
+    name, options, _ = ABLATION_ENGINES[row_engine]
+  else:
+    name, options = row_engine, {}
+  if name == 'dropless':
+    options = dict(dict(impl=a.dropless_impl, tile=a.tile), **options)
+  return engines_lib.get_engine(name, **options)
+
+
 def moe_loss_fn(layer, engine):
+  """`engine`: the engine object the layer runs with."""
+  layer.engine = engine
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-  layer.engine_name = engine
 
   def loss(params, x, ct):
     model = nnx.merge(graphdef, params, rest)
-    model.engine_name = engine
     y, aux = model(x)
     return jnp.sum(y.astype(jnp.float32) * ct) + sum(aux['losses'].values())
   return loss, params
@@ -160,11 +172,10 @@ def analytic_flops(a, e, router, k, engine, layer, x):
     r = layer.router(x.reshape(-1, s, d))
     c = r.capacity
     rows, extra = (t // s) * e * c, 0
-    if engine == 'einsum':
+    if engine.name == 'einsum':
       extra = 2 * 2 * t * e * c * d
-    elif engine == 'dropless':
-      eng = engines_lib.get_engine('dropless')
-      lay = eng.layout(r, e)
+    elif engine.name == 'dropless':
+      lay = engine.layout(r, e)
       if lay['tile']:
         rows = int(jnp.sum((lay['group_sizes'] + lay['tile'] - 1) // lay['tile'])) * lay['tile']
       else:
@@ -192,14 +203,14 @@ def measure_row(a, e, router, k, engine):
   x = jax.random.normal(kx, (a.tokens // s, s, a.d_model), jnp.float32)
   ct = jax.random.normal(kc, x.shape, jnp.float32)
   layer = make_moe(a, e, router, k)
-  loss, params = moe_loss_fn(layer, engine)
+  loss, params = moe_loss_fn(layer, engine_of(a, engine))
   moe_fn, moe_info = compile_step(loss, params, x, ct)
   kk = 1 if router == 'soft_moe' else k
   dloss, dparams = dense_loss_fn(a, kk * a.hidden, jax.random.key(2))
   dense_fn, dense_info = compile_step(dloss, dparams, x, ct)
   load0 = os.getloadavg()[0]
   tm, td, cm, cd = time_pair(moe_fn, dense_fn, a.reps, a.warmup)
-  useful, executed, c = analytic_flops(a, e, router, k, engine, layer, x)
+  useful, executed, c = analytic_flops(a, e, router, k, layer.engine, layer, x)
   ms, ds = statistics.median(tm), statistics.median(td)
   return dict(E=e, router=router, k=k, engine=engine, S=s, C=c, moe_ms=1e3 * ms, dense_ms=1e3 * ds,
               time_ratio=ms / ds, moe_times=tm, dense_times=td, moe_cpu=cm, dense_cpu=cd,
@@ -290,9 +301,6 @@ def main(argv=None):
       sys.exit(f'{stem}.json was measured with another configuration; delete it or use --out.')
     data['rows'] = old['rows']
   engines = a.engines.split(',') + (list(ABLATION_ENGINES) if a.ablation else [])
-  engines_lib.ENGINES.update({n: ABLATION_ENGINES[n][0] for n in engines if n in ABLATION_ENGINES})
-  if a.tile or a.dropless_impl != 'auto':
-    engines_lib.ENGINES['dropless'] = engines_lib.DroplessEngine(impl=a.dropless_impl, tile=a.tile)
   for e in map(int, a.experts.split(',')):
     for router in a.routers.split(','):
       # Soft MoE has no k: one row (k=1: the dense equivalent has hidden h).
@@ -302,7 +310,7 @@ def main(argv=None):
           ablation = engine in ABLATION_ENGINES and router == 'tokens_choice'
           if engine not in native and not ablation:
             continue
-          if ablation and e > ABLATION_ENGINES[engine][1] and jax.default_backend() == 'cpu':
+          if ablation and e > ABLATION_ENGINES[engine][2] and jax.default_backend() == 'cpu':
             continue
           key = row_key(e, router, k, engine)
           if key in data['rows'] and not a.force:

@@ -32,7 +32,7 @@ import jax.numpy as jnp         # noqa: E402
 from flax import nnx            # noqa: E402
 
 from moe_jax import layers, parallel   # noqa: E402
-from moe_jax.parallel import comm     # noqa: E402
+from moe_jax.parallel import hlo_comm     # noqa: E402
 
 E = 8
 
@@ -46,7 +46,7 @@ def measure(router: str, kwargs: dict, *, tokens: int, d: int, groups: int, dtyp
                              sharding=jax.NamedSharding(mesh, parallel.batch_spec(mesh, 3)))
     lowered = jax.jit(lambda m, x: m(x)).lower(layer, x)
     hlo = lowered.compile().as_text()
-  return comm.collective_bytes(hlo), comm.lowered_all_to_all_bytes(lowered.as_text())
+  return hlo_comm.collective_bytes(hlo), hlo_comm.lowered_all_to_all_bytes(lowered.as_text())
 
 
 def capacity_of(router: str, kwargs: dict, tokens: int) -> int:
@@ -79,8 +79,8 @@ def main():
     a2a = got.get('all-to-all', [])
     elem = jnp.dtype(dtype).itemsize
     capacity = capacity_of(router, kwargs, tokens)
-    formula = comm.all_to_all_bytes(groups=groups, num_experts=E, capacity=capacity, d_model=d,
-                                    dtype_bytes=elem)
+    formula = hlo_comm.all_to_all_bytes(groups=groups, num_experts=E, capacity=capacity,
+                                        d_model=d, dtype_bytes=elem)
     # XLA:CPU upcasts 16-bit collectives to float32 when compiling (GPU/TPU do not).
     compiled_formula = formula * (4 // elem if jax.default_backend() == 'cpu' else 1)
     row = dict(router=router, **kwargs, tokens_per_group=tokens, groups_per_device=groups,

@@ -11,6 +11,7 @@ from moe_jax.parallel.sharding import sharded_param
 Array = jax.Array
 
 ACTIVATIONS = {'gelu': jax.nn.gelu, 'relu': jax.nn.relu, 'silu': jax.nn.silu}
+PARAM_NAMES = ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')
 
 
 def expert_kernel_init(scale: float = 1.0):
@@ -106,8 +107,14 @@ class Experts(nnx.Module):
                        impl=impl, tile=tile)
 
   def params_dict(self) -> dict:
-    names = ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')
-    return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
+    """{name: array} of the parameters present ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')."""
+    return {n: getattr(self, n)[...] for n in PARAM_NAMES if getattr(self, n) is not None}
+
+  def param_specs(self) -> dict:
+    """{name: mesh-axis annotation} of the same parameters (their `out_sharding`
+    metadata, e.g. ('expert', None, 'model'); None when replicated)."""
+    return {n: getattr(self, n).get_metadata().get('out_sharding') for n in PARAM_NAMES
+            if getattr(self, n) is not None}
 
   def __call__(self, x: Array) -> Array:
     """x: [E, N, d] -> [E, N, d]."""

@@ -7,7 +7,8 @@ layer learns from the model that holds it.
 
 Every check raises `moe_jax.errors.ConfigError` naming the field, before anything is
 built. The router's own keyword arguments are checked against the router class
-(`Router.check_kwargs`), so a typo such as `topk=2` names the arguments the router takes.
+(`Router.check_kwargs`), so a typo such as `topk=2` names the arguments the router takes;
+the engine's options against the engine's fields.
 
 `LayerContext` is the one route by which a model tells its MoE layers (and through them
 their routers) what they cannot see in their own arguments:
@@ -106,9 +107,9 @@ class MoeConfig:
   def validate(self) -> None:
     """Raises ConfigError (field relative to the MoE block) for any bad value."""
     # Imported here: the registries import the router modules, which import this file's package.
-    from moe_jax.layers.engines import ENGINES
+    from moe_jax.layers.engines import ENGINES, get_engine
     from moe_jax.layers.experts import ACTIVATIONS
-    from moe_jax.layers.registry import ROUTERS
+    from moe_jax.layers.routers import ROUTERS
 
     def need(ok, field, msg):
       if not ok:
@@ -137,6 +138,12 @@ class MoeConfig:
       ROUTERS[self.router].check_kwargs(dict(self.router_kwargs), num_experts=self.num_experts)
     except ConfigError as e:
       raise e.under('router_kwargs') from None
+    try:
+      get_engine(self.engine, **dict(self.engine_kwargs))
+    except ConfigError as e:
+      raise e.under('engine_kwargs') from None
+    except ValueError as e:   # an option's value, checked by the engine itself
+      raise ConfigError(str(e), field='engine_kwargs') from None
 
   def placement(self) -> dict:
     """{'every', 'last_n', 'layers'} for `models.placement.moe_block_indices`."""

@@ -11,28 +11,70 @@ Routing groups: by default one group per example (G = B, the group is a sequence
 image). `group_size=n` instead regroups the B·S tokens into groups of n (V-MoE routes
 groups of several images).
 
+The engine is an object the layer holds (`layer.engine`, a frozen dataclass built from
+`engine` and `engine_kwargs`); to run the same layer with another engine, assign one:
+`layer.engine = layers.get_engine('dropless', tile=64)`.
+
 Under `jax.set_mesh(mesh)` with a (`data`, `expert`, `model`) mesh of several devices the
 layer runs expert-parallel (`moe_jax.parallel.expert_parallel`): each device routes its
 own examples, all_to_all sends expert slots to the devices holding the experts. Same
-numbers as on one device.
+numbers as on one device. Expert parallelism uses the layer through `router`,
+`experts`, `engine`, `num_experts`, `group_size` and `route_and_apply` only.
+
+`recording_moe_calls()` lists the MoE layer calls of a traced function (FLOP accounting
+under `jax.eval_shape`, for any model).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.engines import get_engine
 from moe_jax.errors import ConfigError
-from moe_jax.layers import call_recorder
+from moe_jax.layers.engines import get_engine
 from moe_jax.layers.experts import Experts
 from moe_jax.layers.moe_config import LayerContext, MoeConfig
-from moe_jax.layers.registry import ROUTERS, get_router_class
+from moe_jax.layers.routers import ROUTERS, get_router_class
 from moe_jax.parallel import expert_parallel
 
 Array = jax.Array
+
+
+class MoeCall(NamedTuple):
+  """One call of an MoE layer, as `recording_moe_calls` records it."""
+  layer: Any                 # the MoeLayer
+  x_shape: tuple[int, ...]   # [B, S, d]
+  has_token_ids: bool
+
+
+_RECORDINGS: list[list[MoeCall]] = []
+
+
+@contextlib.contextmanager
+def recording_moe_calls() -> Iterator[list[MoeCall]]:
+  """While active, every `MoeLayer` call appends a `MoeCall` to the yielded list.
+
+      with layers.recording_moe_calls() as calls:
+        jax.eval_shape(lambda m, x: m(x), model, x)     # traces the model once
+      for layer, (b, s, d), has_ids in calls: ...
+
+  Calls are recorded when the layer's Python code runs: eagerly, or while a function is
+  traced (a jit cache hit runs no Python and records nothing). Under `nnx.eval_shape`
+  the recorded layers are the traced copies of the model's (same configuration). Trace
+  a model in training mode through `nnx.eval_shape` (or a clone), not by closing over
+  it in `jax.eval_shape`: routers with state (RNG counters, DeepSeek's counts) would
+  keep tracers.
+  """
+  calls: list[MoeCall] = []
+  _RECORDINGS.append(calls)
+  try:
+    yield calls
+  finally:
+    _RECORDINGS[:] = [c for c in _RECORDINGS if c is not calls]
 
 
 def _permute(a: Array, perm: Array) -> Array:
@@ -50,7 +92,8 @@ class MoeLayer(nnx.Module):
     expert_hidden: h, hidden width of each expert MLP.
     router: a key of `layers.ROUTERS`.
     router_kwargs: keyword arguments of that router class (see its docstring).
-    engine: a key of `layers.ENGINES` ('einsum', 'gather', ...).
+    engine: a key of `layers.ENGINES` ('einsum', 'gather', 'dropless').
+    engine_kwargs: options of that engine (its dataclass fields, e.g. `tile` of dropless).
     activation: expert activation ('gelu', 'relu', 'silu').
     glu: gated expert MLP (GEGLU / SwiGLU).
     group_size: tokens per routing group; None = one group per example.
@@ -61,23 +104,28 @@ class MoeLayer(nnx.Module):
     shared_expert_hidden: hidden width of each shared expert (default `expert_hidden`).
     use_bias: expert MLP biases (T5.1.1-style models have none).
     context: what the model tells the layer (`LayerContext`: tokens per group, whether it
-      sits in a decoder); a causal context refuses routers that read later tokens.
+      sits in a decoder); a causal context refuses routers that read later tokens. The
+      router gets it with `tokens_per_group` = `group_size` when that is set.
   """
 
   def __init__(self, d_model: int, num_experts: int, expert_hidden: int, *,
                router: str = 'tokens_choice', router_kwargs: dict | None = None,
-               engine: str = 'gather', activation: str = 'gelu', glu: bool = False,
-               group_size: int | None = None, dtype=None, rngs: nnx.Rngs,
-               num_shared_experts: int = 0, shared_expert_hidden: int | None = None,
-               use_bias: bool = True, context: LayerContext | None = None):
+               engine: str = 'gather', engine_kwargs: dict | None = None,
+               activation: str = 'gelu', glu: bool = False, group_size: int | None = None,
+               dtype=None, rngs: nnx.Rngs, num_shared_experts: int = 0,
+               shared_expert_hidden: int | None = None, use_bias: bool = True,
+               context: LayerContext | None = None):
     context = context or LayerContext()
     if num_experts < 1:
       raise ValueError(f'num_experts must be >= 1, got {num_experts}.')
     self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
-    self.router_name, self.engine_name = router, engine
-    get_engine(engine)   # fail at construction on a bad name
+    self.router_name = router
+    self.engine = get_engine(engine, **dict(engine_kwargs or {}))
     router_cls = get_router_class(router)
-    self.router = router_cls(d_model, num_experts, rngs=rngs, **dict(router_kwargs or {}))
+    router_context = (context if group_size is None
+                      else dataclasses.replace(context, tokens_per_group=group_size))
+    self.router = router_cls(d_model, num_experts, context=router_context, rngs=rngs,
+                             **dict(router_kwargs or {}))
     self.context = context
     if context.causal and not self.is_causal and not context.allow_future_leak:
       raise ConfigError(causal_error(router, self, context), field='router')
@@ -98,12 +146,18 @@ class MoeLayer(nnx.Module):
     """The layer `cfg` describes, `expert_hidden` defaulting to `default_hidden`."""
     return cls(d_model, cfg.num_experts, cfg.expert_hidden or default_hidden, router=cfg.router,
                router_kwargs=dict(cfg.router_kwargs), engine=cfg.engine,
+               engine_kwargs=dict(cfg.engine_kwargs),
                activation=cfg.activation, glu=cfg.glu, group_size=cfg.group_size, dtype=dtype,
                num_shared_experts=cfg.num_shared_experts,
                shared_expert_hidden=cfg.shared_expert_hidden, use_bias=cfg.use_bias,
                context=dataclasses.replace(context or LayerContext(),
                                            allow_future_leak=cfg.allow_future_leak),
                rngs=rngs)
+
+  @property
+  def engine_name(self) -> str:
+    """The engine's registry name ('einsum', 'gather', 'dropless')."""
+    return self.engine.name
 
   @property
   def is_causal(self) -> bool:
@@ -125,7 +179,8 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'MoeLayer expects x of shape [B, S, {self.d_model}], got {x.shape}.')
     if self.router.needs_token_ids and token_ids is None:
       raise ValueError(f'router {self.router_name!r} needs token_ids: call layer(x, token_ids=ids).')
-    call_recorder.record(self, x.shape, token_ids is not None)
+    for calls in _RECORDINGS:
+      calls.append(MoeCall(self, tuple(x.shape), token_ids is not None))
     mesh = expert_parallel.active_mesh()
     if mesh is not None:
       y, aux = expert_parallel.moe_layer_apply(self, x, token_ids, mesh)
@@ -141,7 +196,9 @@ class MoeLayer(nnx.Module):
     """Routes and runs experts: x [B, S, d] -> (y [B, S, d], Routing).
 
     Shared by the single-device path and, on each device's examples, the expert-parallel
-    one (which passes its router copy and an `expert_fn` that does the all_to_alls).
+    one, which passes its copy of `router` and, as `expert_fn`, what runs the experts:
+    an `[E, N, d] -> [E, N, d]` function with the all_to_alls around it for buffer
+    engines, a `parallel.expert_parallel.LocalExperts` for row engines.
     """
     xg = self._group(x)
     ids = None if token_ids is None else self._group(token_ids)
@@ -149,7 +206,7 @@ class MoeLayer(nnx.Module):
     if perm is not None:
       xg, ids = _permute(xg, perm), (None if ids is None else _permute(ids, perm))
     r = router(xg, token_ids=ids)
-    y = get_engine(self.engine_name).apply(xg, r, expert_fn)
+    y = self.engine.apply(xg, r, expert_fn)
     if perm is not None:
       y = _permute(y, jnp.argsort(perm))
     return y.reshape(x.shape).astype(x.dtype), r

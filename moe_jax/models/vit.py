@@ -16,7 +16,6 @@ of `token_ids.TOKEN_ID_FNS`: the token's position (default; class token 0, patch
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.layers import LayerContext, MoeConfig, MoeLayer, get_router_class
+from moe_jax.layers import LayerContext, MoeConfig, MoeLayer
 from moe_jax.models.placement import moe_block_indices
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
 
@@ -118,12 +117,6 @@ class Block(nnx.Module):
 
 def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: MoeConfig, index: int, *,
                dtype, rngs: nnx.Rngs) -> MoeLayer:
-  router_kwargs = dict(moe.router_kwargs)
-  # Routers sized by tokens per group (Soft MoE with a capacity factor) get it filled in.
-  if ('capacity_factor' in router_kwargs
-      and 'num_tokens' in inspect.signature(get_router_class(moe.router).__init__).parameters):
-    router_kwargs.setdefault('num_tokens', tokens_per_group)
-  moe = dataclasses.replace(moe, router_kwargs=router_kwargs)
   return MoeLayer.from_config(moe, width, default_hidden=mlp_dim, dtype=dtype, rngs=rngs,
                               context=LayerContext(tokens_per_group=tokens_per_group,
                                                    name=f'block_{index:02d}'))

@@ -8,14 +8,14 @@ that routers compute from "the batch" must then be reduced over the batch axes
   in the current context (inside the layer's shard_map), identity otherwise (single
   device, or a plain `jax.jit` where arrays are already global).
 
-Routers with non-gradient state (e.g. a DeepSeek-style load bias) MUST update it from
-`global_mean(...)` / `global_sum(...)` of their per-group statistics: then the update is
-identical on every device and the layer can return it as replicated state. An update
-from local statistics differs per device and `shard_map` rejects it ("out_specs ...
-require replication").
+Routers that write non-gradient state in their forward pass (e.g. DeepSeek's expert
+counts, which its `after_step` turns into a bias update) MUST write it from
+`global_mean(...)` / `global_sum(...)` of their per-group statistics: then it is
+identical on every device and the layer can return it as replicated state. State from
+local statistics differs per device and the layer rejects it (`expert_parallel`).
 
-    load = parallel.global_mean(jnp.mean(assigned, axis=(0, 1)))   # [E], same everywhere
-    self.bias[...] = self.bias[...] + rate * jnp.sign(target - load)
+    counts = parallel.global_sum(jnp.sum(assigned, axis=(0, 1)))   # [E], same everywhere
+    self.expert_counts[...] = self.expert_counts[...] + counts
 """
 from __future__ import annotations
 

@@ -10,14 +10,20 @@ Per device, inside the shard_map (the same code as on one device, on local group
     all_to_all('expert')   -> [E, G_local, C, d] back to the tokens' devices
     engine.combine         -> y_local [B/n_b, S, d]
 
-with n_b = |data|·|expert| and n_e = |expert|. The dropless engine has no fixed-size
-buffer: it receives a `LocalExperts` instead of an expert function and exchanges its
-expert-sorted rows itself (`parallel.ragged`: ragged_all_to_all on GPU/TPU, a padded
-all_to_all on CPU). Aux losses and metrics are reduced over
+with n_b = |data|·|expert| and n_e = |expert|. That is the form of engines with
+`expert_parallel = 'buffer'` (einsum, gather). Engines with `expert_parallel = 'rows'`
+(dropless) have no fixed-size buffer: they receive a `LocalExperts` instead of an expert
+function and exchange their expert-sorted rows themselves (`parallel.ragged`:
+ragged_all_to_all on GPU/TPU, a padded all_to_all on CPU). Aux losses and metrics are
+reduced over
 the batch axes (`collectives.global_routing_stats`), router parameters are replicated
 (shard_map's check_vma sums their gradients over devices), non-gradient router state
 must come out identical on every device (see `collectives.global_mean`), and logit-noise
 keys are folded with the device's batch index so devices draw different noise.
+
+The layer is used through its documented interface only: `router`, `experts` (an
+`Experts` module: `params_dict`, `param_specs`, `apply_weights`, `hidden`), `engine`
+(its `expert_parallel` form), `num_experts`, `group_size` and `route_and_apply`.
 """
 from __future__ import annotations
 
@@ -33,14 +39,14 @@ from moe_jax.parallel import mesh as mesh_lib
 from moe_jax.parallel import sharding as sharding_lib
 
 
-# Engines whose buffer is [E, G, C, d] with a fixed C: all_to_all moves it as is.
-CAPACITY_ENGINES = ('einsum', 'gather')
-# Engines that take a `LocalExperts` and exchange variable-size row groups themselves.
-ROW_ENGINES = ('dropless',)
+# An engine's `expert_parallel` form: 'buffer' (its [E, G, C, d] buffer, fixed C, is
+# moved by all_to_all as is) or 'rows' (it takes a `LocalExperts` and exchanges
+# variable-size row groups itself).
+FORMS = ('buffer', 'rows')
 
 
 class LocalExperts:
-  """This device's experts inside the layer's shard_map, for ROW_ENGINES.
+  """This device's experts inside the layer's shard_map, for engines of the 'rows' form.
 
   Attributes:
     num_experts: E, the global expert count (rows are sorted by global expert id).
@@ -87,10 +93,10 @@ def check_layer_fits(layer, x_shape, mesh, *, local: bool = False) -> None:
 
   `local`: x is already one device's block (inside a shard_map).
   """
-  if layer.engine_name not in CAPACITY_ENGINES + ROW_ENGINES:
+  if getattr(layer.engine, 'expert_parallel', None) not in FORMS:
     raise NotImplementedError(
-        f'engine {layer.engine_name!r} has no expert-parallel form; under a mesh use one of '
-        f'{CAPACITY_ENGINES + ROW_ENGINES}.')
+        f'engine {layer.engine!r} has no expert-parallel form (`expert_parallel` one of '
+        f'{FORMS}); under a mesh use einsum, gather or dropless.')
   n_batch = 1 if local else mesh_lib.num_batch_shards(mesh)
   if x_shape[0] % n_batch:
     raise ValueError(
@@ -171,7 +177,7 @@ def moe_layer_apply(layer, x, token_ids, mesh):
     expert_fn = lambda buf: local_experts(eparams, buf)
     if n_exp > 1:
       expert_fn = collectives.expert_all_to_all(expert_fn)
-    if layer.engine_name in ROW_ENGINES:
+    if layer.engine.expert_parallel == 'rows':
       expert_fn = LocalExperts(layer.experts, eparams, expert_fn,
                                mesh_lib.EXPERT if n_exp > 1 else None, n_exp,
                                mesh_lib.MODEL if has_model else None)
@@ -187,8 +193,9 @@ def moe_layer_apply(layer, x, token_ids, mesh):
   else:
     x_spec = mesh_lib.batch_spec(mesh, x.ndim)
     ids_spec = None if token_ids is None else mesh_lib.batch_spec(mesh, token_ids.ndim)
-    expert_specs = {n: sharding_lib.fit_spec(getattr(layer.experts, n).get_metadata().get(
-        'out_sharding'), v.shape, mesh, what=f'experts.{n}') for n, v in expert_params.items()}
+    annotations = layer.experts.param_specs()
+    expert_specs = {n: sharding_lib.fit_spec(annotations[n], v.shape, mesh, what=f'experts.{n}')
+                    for n, v in expert_params.items()}
     in_specs = (x_spec, ids_spec, P(), P(), expert_specs)
     if mesh.are_all_axes_explicit:   # Explicit meshes: shard_map inputs must match in_specs
       args = tuple(a if s is None else jax.tree.map(lambda v, s=s: jax.sharding.reshard(v, s), a)

@@ -21,8 +21,8 @@ and averaged over groups. The paper writes TopK over the unbiased s (`balance_co
 'unbiased'`, default); Megatron counts the experts actually selected (with bias and
 group limit, `balance_count='selected'`).
 
-DeepSeek drops no token in training or inference: the default capacity is C = S (see
-`capacity_default.py`). Causal: selection and gates depend on the token and on b, which
+DeepSeek drops no token in training or inference: the default capacity is C = S
+(`CapacitySpec.slots` without a factor). Causal: selection and gates depend on the token and on b, which
 only changes between steps.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing import losses as losses_lib
-from moe_jax.routing.capacity_default import capacity_or_all
+from moe_jax.routing.capacity import CapacitySpec
 from moe_jax.routing.tokens_choice import finish_token_routing
 from moe_jax.routing.types import Routing
 
@@ -162,9 +162,9 @@ def deepseek_routing(logits: Array, bias: Array | None = None, *, k: int = 8,
   counts = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=(0, 1, 2))
   metrics = dict(seq_balance_loss=raw['seq_balance'],
                  max_violation=jnp.max(counts) / jnp.maximum(jnp.mean(counts), 1e-9) - 1.0)
-  c = capacity_or_all(s, num_experts, k, capacity=capacity, capacity_factor=capacity_factor,
-                      include_k=capacity_include_k, rounding=capacity_rounding,
-                      multiple_of=capacity_multiple_of, min_capacity=min_capacity)
+  c = CapacitySpec(capacity_factor, capacity=capacity, capacity_include_k=capacity_include_k,
+                   capacity_rounding=capacity_rounding, capacity_multiple_of=capacity_multiple_of,
+                   min_capacity=min_capacity).slots(s, num_experts, k=k)
   probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
   aux = losses_lib.weighted(raw, dict(seq_balance=seq_balance_weight))
   return finish_token_routing(probs, expert_index, weight, capacity=c, aux_losses=aux,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing import losses as losses_lib
-from moe_jax.routing.capacity_default import capacity_or_all
+from moe_jax.routing.capacity import CapacitySpec
 from moe_jax.routing.tokens_choice import finish_token_routing
 from moe_jax.routing.types import Routing
 
@@ -93,8 +93,8 @@ def noisy_top_k(clean_logits: Array, raw_noise_logits: Array | None = None,
   raw = dict(importance=jnp.mean(losses_lib.cv_squared(importance, axis=-1)),
              load=jnp.mean(losses_lib.cv_squared(load, axis=-1)))
   aux = losses_lib.weighted(raw, dict(importance=importance_weight, load=load_weight))
-  c = capacity_or_all(s, num_experts, k, capacity=capacity, capacity_factor=capacity_factor,
-                      include_k=capacity_include_k, rounding=capacity_rounding,
-                      multiple_of=capacity_multiple_of, min_capacity=min_capacity)
+  c = CapacitySpec(capacity_factor, capacity=capacity, capacity_include_k=capacity_include_k,
+                   capacity_rounding=capacity_rounding, capacity_multiple_of=capacity_multiple_of,
+                   min_capacity=min_capacity).slots(s, num_experts, k=k)
   return finish_token_routing(jax.nn.softmax(clean, axis=-1), expert_index, gate_k, capacity=c,
                               aux_losses=aux, metrics={f'{n}_loss': v for n, v in raw.items()})

@@ -70,14 +70,6 @@ def sinkhorn_potentials(logits: Array, *, temperature: float = 1.0, num_iters: i
   return f, g, dict(sinkhorn_iters=n.astype(jnp.float32), sinkhorn_row_error=err)
 
 
-def sinkhorn_plan(logits: Array, **kwargs) -> Array:
-  """[G, S, E] transport plan (rows ~1, columns S/E); kwargs of `sinkhorn_potentials`."""
-  temperature = kwargs.get('temperature', 1.0)
-  f, g, _ = sinkhorn_potentials(logits, **kwargs)
-  lg = jax.lax.stop_gradient(logits).astype(jnp.float32) / temperature
-  return jnp.exp(lg + f[..., None] + g[:, None, :])
-
-
 def sinkhorn_base(logits: Array, *, train: bool = True, gate: str = 'sigmoid',
                   capacity_factor: float | None = None, capacity: int | None = None,
                   temperature: float = 1.0, num_iters: int | None = None, tol: float = 1e-3,

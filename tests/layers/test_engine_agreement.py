@@ -59,7 +59,7 @@ def run_engines(layer, engine_names, x, ids, target):
   def loss(engine, params, x, ids):
     # Same router state (and RNG) for every engine; copied so that it belongs to this trace.
     model = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
-    model.engine_name = engine
+    model.engine = layers.get_engine(engine)
     y, aux = model(x, token_ids=ids)
     return jnp.sum(y * target) + sum(aux['losses'].values()), (y, aux['metrics'])
 

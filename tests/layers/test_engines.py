@@ -55,7 +55,7 @@ ROUTERS = {
     'experts_choice': ('experts_choice', dict(capacity_factor=2.0)),
     'soft_moe': ('soft_moe', dict(num_slots=3)),
 }
-ALL_ENGINES = dict(engines.ENGINES, gather_scatter=engines.GatherEngine(combine='scatter'),
+ALL_ENGINES = dict({name: cls() for name, cls in engines.ENGINES.items()},
                    gather_batched=engines.GatherEngine(experts_impl='batched'),
                    gather_tile4=engines.GatherEngine(experts_impl='blocks', max_tile=4))
 # Engines whose semantics match the router's. dropless ignores capacity, so it agrees
@@ -68,8 +68,8 @@ ENGINES_FOR = {
     'soft_moe': ('einsum', 'gather', 'dropless'),
 }
 # Variants that differ from `gather` only where plain autodiff differentiates them
-# (scatter-add combine; batched einsum experts): outputs only, to save compile time.
-FORWARD_ONLY = {'top2_drops': ('gather_scatter', 'gather_batched', 'dropless')}
+# (batched einsum experts): outputs only, to save compile time.
+FORWARD_ONLY = {'top2_drops': ('gather_batched', 'dropless')}
 
 
 def values_and_grads(layer, names, forward_names, x):
@@ -178,10 +178,17 @@ def test_dropless_engine_ignores_capacity(results, x):
 
 def test_moe_layer_runs_every_engine(x):
   layer = make_layer('tokens_choice', dict(k=2))
-  layer.engine_name = 'dropless'
+  layer.engine = engines.get_engine('dropless', tile=4)
+  assert layer.engine_name == 'dropless' and layer.engine.tile == 4
   assert nnx.jit(lambda m, x: m(x)[0])(layer, x).shape == x.shape
   for name in engines.ENGINES:
-    nnx.eval_shape(lambda: layers.MoeLayer(D, E, H, engine=name, rngs=nnx.Rngs(1)))
+    built = nnx.eval_shape(lambda: layers.MoeLayer(D, E, H, engine=name, rngs=nnx.Rngs(1)))
+    assert built.engine == engines.ENGINES[name]() and built.engine_name == name
+  built = nnx.eval_shape(lambda: layers.MoeLayer(D, E, H, engine='dropless', rngs=nnx.Rngs(1),
+                                                 engine_kwargs=dict(impl='blocks', tile=8)))
+  assert built.engine == engines.DroplessEngine(impl='blocks', tile=8)
+  # Engines are configuration: equal options, equal (hashable) engines, one graph.
+  assert hash(built.engine) == hash(engines.DroplessEngine(impl='blocks', tile=8))
   with pytest.raises(ValueError, match='unknown engine'):
     nnx.eval_shape(lambda: layers.MoeLayer(D, E, H, engine='magic', rngs=nnx.Rngs(1)))
 
@@ -279,8 +286,11 @@ def test_errors_are_clear():
     engines.DroplessEngine(impl='fast')
   with pytest.raises(ValueError, match="impl must be 'auto', 'ragged'"):
     engines.DroplessEngine(exchange='fast')
-  with pytest.raises(ValueError, match='combine must be one of'):
-    engines.GatherEngine(combine='sum')
+  with pytest.raises(ValueError, match="experts_impl must be 'auto', 'batched' or 'blocks'"):
+    engines.GatherEngine(experts_impl='fast')
+  with pytest.raises(ValueError, match="engine 'gather' has no option 'combine'; it takes: "
+                                       "experts_impl, max_tile"):
+    engines.get_engine('gather', combine='scatter')
   with pytest.raises(NotImplementedError, match='engine="gather"'):
     engines.get_engine('dropless').dispatch(jnp.zeros((1, 2, 3)), None)
   with pytest.raises(ValueError, match='tile dividing'):

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import layers
+from moe_jax.errors import ConfigError
 
 jit = functools.partial(jax.jit, compiler_options=dict(xla_backend_optimization_level=0,
                                                        xla_cpu_use_fusion_emitters=False))
@@ -67,16 +68,22 @@ def test_group_size_regroups_tokens():
     (dict(router='top_k'), ValueError, "unknown router 'top_k'; choose one of"),
     (dict(engine='scatter'), ValueError, "unknown engine 'scatter'; choose one of"),
     (dict(router_kwargs=dict(k=5)), ValueError, 'k=5 must be between 1 and num_experts=4'),
-    (dict(router_kwargs=dict(capacity_factor=0.0)), ValueError, 'capacity_factor must be > 0'),
-    (dict(router_kwargs=dict(capacity_factor=-1.0)), ValueError, 'capacity_factor must be > 0'),
-    (dict(router_kwargs=dict(eval_capacity_factor=0.0)), ValueError,
-     'eval_capacity_factor must be > 0'),
-    (dict(router='experts_choice', router_kwargs=dict(capacity_factor=0.0)), ValueError,
-     'capacity_factor must be > 0'),
-    (dict(router_kwargs=dict(capacity_facter=2.0)), TypeError,
-     r"unknown router_kwargs \['capacity_facter'\]"),
-    (dict(router='experts_choice', router_kwargs=dict(k=2)), TypeError,
-     r"unknown router_kwargs \['k'\]"),
+    (dict(router_kwargs=dict(capacity_factor=0.0)), ConfigError,
+     '^capacity_factor: must be > 0'),
+    (dict(router_kwargs=dict(capacity_factor=-1.0)), ConfigError,
+     '^capacity_factor: must be > 0'),
+    (dict(router_kwargs=dict(eval_capacity_factor=0.0)), ConfigError,
+     '^eval_capacity_factor: must be > 0'),
+    (dict(router='experts_choice', router_kwargs=dict(capacity_factor=0.0)), ConfigError,
+     '^capacity_factor: must be > 0'),
+    (dict(router_kwargs=dict(capacity_rounding='up')), ConfigError,
+     "^capacity_rounding: must be one of"),
+    (dict(router_kwargs=dict(capacity_facter=2.0)), ConfigError,
+     "^capacity_facter: TokensChoiceRouter takes no argument 'capacity_facter'. Did you mean "
+     "'capacity_factor'"),
+    (dict(router='experts_choice', router_kwargs=dict(k=2)), ConfigError,
+     "^k: ExpertsChoiceRouter takes no argument 'k'"),
+    (dict(engine_kwargs=dict(tile=4)), ConfigError, "^tile: engine 'gather' has no option 'tile'"),
     (dict(router='soft_moe', router_kwargs=dict(num_slots=0)), ValueError, 'num_slots >= 1'),
     (dict(activation='swish'), ValueError, 'activation must be one of'),
 ])

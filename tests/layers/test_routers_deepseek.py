@@ -1,5 +1,6 @@
 """'deepseek' module: the expert bias is non-trainable state updated once per training
-step from the batch's counts; shared experts in MoeLayer; fine-grained helper."""
+step, by `layers.after_step`, from the batch's counts; shared experts in MoeLayer;
+fine-grained helper."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import layers
-from moe_jax.layers.routers_deepseek import DeepSeekRouter, ExpertBias, fine_grained
+from moe_jax.layers.routers.deepseek import DeepSeekRouter, ExpertBias, fine_grained
 
 
 def rngs():
@@ -47,16 +48,26 @@ def test_bias_is_state_updated_once_per_step_and_never_by_the_optimizer():
       return jnp.sum(y ** 2) + sum(aux['losses'].values())
     value, grads = nnx.value_and_grad(loss)(layer)
     optimizer.update(layer, grads)
-    return value
+    bias_before_hook = layer.router.expert_bias[...]
+    layers.after_step(layer, None)
+    return bias_before_hook
 
   kernel_before = np.asarray(layer.router.gate.kernel[...])
-  train_step(layer, optimizer, x)
+  bias_before_hook = train_step(layer, optimizer, x)
+  np.testing.assert_array_equal(np.asarray(bias_before_hook), b)   # the forward only counts
   np.testing.assert_allclose(np.asarray(layer.router.expert_bias[...]), expected, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(layer.router.expert_counts[...]), 0.0)   # consumed
   assert not np.allclose(np.asarray(layer.router.gate.kernel[...]), kernel_before)   # SGD ran
+  # Counts of several training calls add up; the hook applies one update from their sum.
+  nnx.jit(lambda m, x: m(x))(layer, x)
+  nnx.jit(lambda m, x: m(x))(layer, x[:1])
+  np.testing.assert_array_equal(np.asarray(layer.router.expert_counts[...]).sum(), 4 * 8 * K)
   layer.eval()
   after_step = np.asarray(layer.router.expert_bias[...])
+  counts = np.asarray(layer.router.expert_counts[...])
   jax.eval_shape(layer, x)          # evaluation: no state update (it would fail under tracing)
   np.testing.assert_array_equal(np.asarray(layer.router.expert_bias[...]), after_step)
+  np.testing.assert_array_equal(np.asarray(layer.router.expert_counts[...]), counts)
 
 
 def test_shared_experts_are_added_unweighted():

@@ -130,7 +130,7 @@ def test_hash_router_contract(tmp_path):
   a = layers.ROUTERS['hash'](D, 4, rngs=rngs)
   b = layers.ROUTERS['hash'](D, 4, rngs=rngs)
   assert int(a.seed[...]) != int(b.seed[...])          # seed=None: every layer hashes differently
-  assert not nnx.state(a, nnx.Param) and len(nnx.state(a, layers.routers_hash.HashState)) == 1
+  assert not nnx.state(a, nnx.Param) and len(nnx.state(a, layers.routers.hashing.HashState)) == 1
   layer = layers.MoeLayer(D, E, H, router='hash', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='needs token_ids'):
     layer(jnp.asarray(X))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.layers.routers_gshard import GShardTop2Router
-from moe_jax.layers.routers_noisy_top_k import NoisyTopKRouter
+from moe_jax.layers.routers.gshard import GShardTop2Router
+from moe_jax.layers.routers.noisy_top_k import NoisyTopKRouter
 
 
 def rngs():

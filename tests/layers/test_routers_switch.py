@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import layers
-from moe_jax.layers.routers_switch import StraightThroughRouter, SwitchRouter
+from moe_jax.layers.routers.switch import StraightThroughRouter, SwitchRouter
 
 
 def rngs():

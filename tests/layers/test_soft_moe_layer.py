@@ -58,7 +58,8 @@ def test_engines_match_numpy_given_logits():
   expert_fn = lambda buf: jnp.tanh(jnp.einsum('end,edf->enf', buf, w))   # [E, N, d]
   expected = np_soft_moe(x.astype(np.float64), logits.astype(np.float64),
                          lambda e, v: np.tanh(v @ w[e].astype(np.float64)))
-  for name, engine in layers.ENGINES.items():
+  for name, engine_cls in layers.ENGINES.items():
+    engine = engine_cls()
     y = jit(lambda x, l: engine.apply(x, routing.soft_moe(l), expert_fn))(x, logits)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5, err_msg=name)
 
@@ -83,11 +84,18 @@ def test_router_logits_normalisation_and_scale():
 
 def test_num_slots_from_capacity_factor():
   # vmoe: p = round(cf · m / n) when num_slots is None.
-  router = layers.SoftMoeRouter(D, E, num_slots=None, capacity_factor=1.0, num_tokens=S,
+  router = layers.SoftMoeRouter(D, E, num_slots=None, capacity_factor=1.0,
+                                context=layers.LayerContext(tokens_per_group=S),
                                 rngs=nnx.Rngs(0))
   assert router.num_slots == 2 and router.phi.shape == (D, E, 2)
-  with pytest.raises(ValueError, match='needs num_tokens'):
+  with pytest.raises(ValueError, match=r'tokens per group: build it with '
+                                       r'context=LayerContext\(tokens_per_group=S\)'):
     layers.SoftMoeRouter(D, E, capacity_factor=1.0, rngs=nnx.Rngs(0))
+  # Through the layer: the routing group is `group_size` tokens when that is set.
+  layer = nnx.eval_shape(lambda: layers.MoeLayer(
+      D, E, 4, router='soft_moe', router_kwargs=dict(capacity_factor=1.0), group_size=2 * S,
+      context=layers.LayerContext(tokens_per_group=S), rngs=nnx.Rngs(0)))
+  assert layer.router.num_slots == 4 == round(1.0 * 2 * S / E)
   with pytest.raises(ValueError, match='num_slots >= 1'):
     layers.SoftMoeRouter(D, E, num_slots=0, rngs=nnx.Rngs(0))
 

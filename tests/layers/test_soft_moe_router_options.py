@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.layers import MoeLayer, SoftMoeRouter
+from moe_jax.layers import LayerContext, MoeLayer, SoftMoeRouter
 from tests.layers._rbg import rngs
 
 # One set of parameter shapes for every test (d = 8, E = 4, P = 2, h = 16): parameter
@@ -49,17 +49,19 @@ def test_slots_normalisation_and_scale_match_numpy():
     (1.0, 16, 4, 4), (0.5, 10, 4, 1), (1.0, 196, 128, 2), (2.0, 196, 128, 3), (1.0, 20, 8, 2)])
 def test_slots_from_capacity_factor_round_like_vmoe(cf, tokens, experts, slots):
   # eval_shape: only the sizes matter, so build the module abstractly (no initialisation).
-  router = nnx.eval_shape(lambda: SoftMoeRouter(4, experts, capacity_factor=cf, num_tokens=tokens,
-                                                rngs=nnx.Rngs(0)))
+  router = nnx.eval_shape(lambda: SoftMoeRouter(
+      4, experts, capacity_factor=cf, context=LayerContext(tokens_per_group=tokens),
+      rngs=nnx.Rngs(0)))
   assert router.num_slots == slots == int(round(cf * tokens / experts))
   assert router.phi.shape == (4, experts, slots)
 
 
 def test_capacity_factor_errors_are_clear():
-  with pytest.raises(ValueError, match='num_tokens'):
+  with pytest.raises(ValueError, match='tokens_per_group'):
     SoftMoeRouter(4, 4, capacity_factor=1.0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='0 slots'):
-    SoftMoeRouter(4, 4, capacity_factor=0.1, num_tokens=8, rngs=nnx.Rngs(0))
+    SoftMoeRouter(4, 4, capacity_factor=0.1, context=LayerContext(tokens_per_group=8),
+                  rngs=nnx.Rngs(0))
 
 
 def test_logit_noise_only_in_training():

@@ -14,7 +14,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import layers, parallel, routing
-from moe_jax.parallel import comm, ragged
+from moe_jax.parallel import hlo_comm, ragged
+from tests.parallel._compare import raises
 from tests.parallel._harness import run_checks
 
 D, E, H = 16, 8, 32
@@ -26,31 +27,21 @@ def _layer(**kw):
                          rngs=nnx.Rngs(0), **kw)
 
 
-def _raises(fn, *words):
-  try:
-    fn()
-  except ValueError as e:
-    msg = str(e)
-    assert all(w in msg for w in words), f'error lacks {words}: {msg}'
-    return
-  raise AssertionError(f'no ValueError (expected one mentioning {words})')
-
-
 def check_compiled_all_to_all_no_weight_all_gather():
   mesh = parallel.make_mesh(dict(data=2, expert=4))
   b, s = 16, 8
   with jax.set_mesh(mesh):
     layer = _layer()
     x = parallel.shard_batch(np.ones((b, s, D), np.float32), mesh)
-    fwd = comm.collective_bytes(jax.jit(lambda m, x: m(x)).lower(layer, x).compile().as_text())
+    fwd = hlo_comm.collective_bytes(jax.jit(lambda m, x: m(x)).lower(layer, x).compile().as_text())
 
     def loss(m, x):
       y, aux = m(x)
       return jnp.sum(y) + sum(aux['losses'].values())
-    bwd = comm.collective_bytes(
+    bwd = hlo_comm.collective_bytes(
         jax.jit(jax.grad(loss, argnums=(0, 1))).lower(layer, x).compile().as_text())
   capacity = math.ceil(2 * s * 1.25 / E)                      # k=2, default capacity_factor
-  expected = comm.all_to_all_bytes(groups=b // 8, num_experts=E, capacity=capacity, d_model=D)
+  expected = hlo_comm.all_to_all_bytes(groups=b // 8, num_experts=E, capacity=capacity, d_model=D)
   assert fwd.get('all-to-all') == [expected] * 2, (fwd, expected)      # dispatch + return
   assert len(bwd.get('all-to-all', [])) == 4, bwd                       # and their transposes
   for prog in (fwd, bwd):
@@ -149,17 +140,17 @@ def check_layer_inside_a_user_shard_map():
 def check_clear_errors():
   mesh = parallel.make_mesh(dict(data=2, expert=4))
   with jax.set_mesh(mesh):
-    _raises(lambda: _layer(num_experts=6), 'does not divide', "'expert'", 'num_experts')
+    raises(lambda: _layer(num_experts=6), 'does not divide', "'expert'", 'num_experts')
     layer = _layer()
-    _raises(lambda: layer(jnp.ones((6, 4, D))), 'batch of 6', 'multiple of 8')
-    _raises(lambda: parallel.shard_batch(np.ones((6, 4)), mesh), '6 examples', 'multiple of 8')
+    raises(lambda: layer(jnp.ones((6, 4, D))), 'batch of 6', 'multiple of 8')
+    raises(lambda: parallel.shard_batch(np.ones((6, 4)), mesh), '6 examples', 'multiple of 8')
   unsharded = _layer(num_experts=6)
   with jax.set_mesh(mesh):
-    _raises(lambda: unsharded(jnp.ones((8, 4, D))), 'num_experts=6', 'config.mesh.expert')
+    raises(lambda: unsharded(jnp.ones((8, 4, D))), 'num_experts=6', 'config.mesh.expert')
   with jax.set_mesh(parallel.make_mesh(dict(data=1, expert=2, model=4))):
-    _raises(lambda: _layer(expert_hidden=6), 'does not divide', "'model'")
-  _raises(lambda: parallel.make_mesh(dict(data=2, expert=2)), 'needs 4 devices', '8 are available')
-  _raises(lambda: parallel.make_mesh(dict(data=3, expert=-1)), 'does not divide the 8')
+    raises(lambda: _layer(expert_hidden=6), 'does not divide', "'model'")
+  raises(lambda: parallel.make_mesh(dict(data=2, expert=2)), 'needs 4 devices', '8 are available')
+  raises(lambda: parallel.make_mesh(dict(data=3, expert=-1)), 'does not divide the 8')
 
 
 def check_global_mean_and_sum():
@@ -216,7 +207,7 @@ def check_router_state_identical_on_all_devices():
     np.testing.assert_allclose(np.asarray(bias), np.asarray(ref.router.bias[...]), atol=1e-6)
     assert np.abs(np.asarray(bias)).max() > 0
     bad = parallel.shard_module(_layer(router='local_bias_test'), mesh)
-    _raises(lambda: bad(parallel.shard_batch(np.asarray(x), mesh)), 'differs between devices',
+    raises(lambda: bad(parallel.shard_batch(np.asarray(x), mesh)), 'differs between devices',
             'global_mean')
 
 
@@ -237,9 +228,8 @@ class TokenIdRouter(layers.Router):
   """Hash-style router: expert = token_id mod E (needs token_ids), weight from a gate."""
   needs_token_ids = True
 
-  def __init__(self, d_model, num_experts, *, rngs):
-    self.num_experts = num_experts
-    self.gate = layers.LinearGate(d_model, num_experts, rngs=rngs)
+  def __init__(self, d_model, num_experts, *, rngs, context=None):
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, gate_init_scale=0.1)
 
   def __call__(self, x, *, token_ids=None):
     probs = jax.nn.softmax(self.gate(x))

@@ -18,6 +18,7 @@ from moe_jax.tasks import ImageClassification
 from moe_jax.train.builders import build_model
 from moe_jax.train.trainer import train_and_evaluate
 from scripts.compare_mesh_losses import losses, tiny_config
+from tests.parallel._compare import raises
 from tests.parallel._harness import run_checks
 from tests.train.vit_helpers import mock_fashion_mnist, persistent_xla_cache
 
@@ -77,27 +78,18 @@ def check_deepseek_bias_identical_on_all_devices():
   assert np.abs(shards[0]).max() > 0, shards[0]
 
 
-def _raises(fn, *words):
-  try:
-    fn()
-  except ValueError as e:
-    assert all(w in str(e) for w in words), f'error lacks {words}: {e}'
-    return
-  raise AssertionError(f'no ValueError (expected one mentioning {words})')
-
-
 def check_clear_errors():
   cfg = lambda mesh, **kw: tiny_config('tokens_choice', 2, mesh, **kw)
-  _raises(lambda: sharded.trainer_mesh(cfg((2, 2))), 'needs 4 devices', '8 are available',
-          '--config.mesh')
-  _raises(lambda: sharded.trainer_mesh(cfg((2, 4), batch_size=12)), 'config.batch_size: 12',
-          'multiple of 8')
-  _raises(lambda: sharded.trainer_mesh(cfg((2, 4), eval_batch_size=20)),
-          'config.eval_batch_size: 20', 'multiple of 8')
+  raises(lambda: sharded.trainer_mesh(cfg((2, 2))), 'needs 4 devices', '8 are available',
+         '--config.mesh')
+  raises(lambda: sharded.trainer_mesh(cfg((2, 4), batch_size=12)), 'config.batch_size: 12',
+         'multiple of 8')
+  raises(lambda: sharded.trainer_mesh(cfg((2, 4), eval_batch_size=20)),
+         'config.eval_batch_size: 20', 'multiple of 8')
   six = cfg((2, 4), **{'model.moe.num_experts': 6})
-  _raises(lambda: sharded.check_model_fits(sharded.trainer_mesh(six),
-                                           build_model(six, rngs=nnx.Rngs(0))),
-          'has 6 experts', 'config.mesh.expert')
+  raises(lambda: sharded.check_model_fits(sharded.trainer_mesh(six),
+                                          build_model(six, rngs=nnx.Rngs(0))),
+         'has 6 experts', 'config.mesh.expert')
   assert sharded.trainer_mesh(cfg((1, 1))) is None      # one device, no mesh
   assert sharded.trainer_mesh(cfg((-1, 2))).shape == dict(data=4, expert=2, model=1)
 

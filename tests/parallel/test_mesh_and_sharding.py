@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from moe_jax import layers, parallel
-from moe_jax.parallel import comm, ragged
+from moe_jax.parallel import hlo_comm, ragged
 from tests.parallel._harness import ROOT
 
 MESH = AbstractMesh((2, 4, 1), parallel.MESH_AXES)
@@ -91,16 +91,16 @@ STABLEHLO = """
 
 
 def test_collective_bytes_from_hlo_text():
-  got = comm.collective_bytes(HLO)
+  got = hlo_comm.collective_bytes(HLO)
   assert got == {'all-to-all': [2 * 2 * 6 * 16 * 4, 8 * 10 * 32 * 2], 'all-reduce': [16 * 8 * 4],
                  'all-gather': [4 * 4]}
-  assert comm.lowered_all_to_all_bytes(STABLEHLO) == [2 * 40 * 32 * 2]
+  assert hlo_comm.lowered_all_to_all_bytes(STABLEHLO) == [2 * 40 * 32 * 2]
 
 
 def test_all_to_all_bytes_formula():
   # E=8 experts, 2 groups of S=64 tokens, k=2, cf=1.25 -> C = ceil(2*64*1.25/8) = 20, d=128.
-  assert comm.all_to_all_bytes(groups=2, num_experts=8, capacity=20, d_model=128) == 163840
-  assert comm.all_to_all_bytes(groups=2, num_experts=8, capacity=20, d_model=128,
+  assert hlo_comm.all_to_all_bytes(groups=2, num_experts=8, capacity=20, d_model=128) == 163840
+  assert hlo_comm.all_to_all_bytes(groups=2, num_experts=8, capacity=20, d_model=128,
                                dtype_bytes=2) == 81920
 
 

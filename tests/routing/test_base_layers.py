@@ -5,9 +5,9 @@ from scipy.optimize import linear_sum_assignment
 
 import jax
 import jax.numpy as jnp
-from moe_jax.routing import base
+from moe_jax.routing import base_layers
 
-assign = jax.jit(base.balanced_assignment)
+assign = jax.jit(base_layers.balanced_assignment)
 
 
 def scipy_optimum(a):
@@ -47,7 +47,7 @@ def test_balanced_assignment_ties_and_nonfinite():
 
 def test_s_not_divisible_by_e_is_a_clear_error():
   with pytest.raises(ValueError, match='not divisible by E=4'):
-    base.balanced_assignment(jnp.zeros((1, 10, 4)))
+    base_layers.balanced_assignment(jnp.zeros((1, 10, 4)))
 
 
 def test_base_routing_train_and_eval():
@@ -55,11 +55,11 @@ def test_base_routing_train_and_eval():
   logits = jnp.asarray(rng.normal(size=(2, 8, 4)).astype(np.float32) + np.array([2.0, 0, 0, 0]))
 
   def gate_sum(l, train):
-    r = base.base_routing(l, train=train)
+    r = base_layers.base_routing(l, train=train)
     return jnp.sum(r.slot_weight), r
 
   fn = jax.jit(lambda l: (jax.value_and_grad(gate_sum, has_aux=True)(l, True),
-                          base.base_routing(l, train=False)))
+                          base_layers.base_routing(l, train=False)))
   ((_, r), grad), r_eval = fn(logits)
   assert r.capacity == 2 and abs(float(r.metrics['dropped_fraction'])) < 1e-6
   expert = np.asarray(r.token_expert[..., 0])

@@ -1,6 +1,7 @@
-"""compute_capacity: every convention against values worked out by hand.
+"""compute_capacity: every convention against values worked out by hand; CapacitySpec:
+train / eval selection, explicit capacity, no factor, validation.
 
-Conventions (notes/routing-reference.md §0.1):
+Conventions (stated in `moe_jax/routing/capacity.py`):
   vmoe        C = ceil(k·S·cf/E), rounded up to a multiple of 4
   flaxformer  C = max(round(cf·S/E), 4), k not multiplied in
   mesh-tf     C = max(floor(cf·S/E), 4), k not multiplied in
@@ -8,7 +9,8 @@ and ours (the default): ceil(k·S·cf/E), multiple_of=1, clipped to [1, S].
 """
 import pytest
 
-from moe_jax.routing import compute_capacity
+from moe_jax.errors import ConfigError
+from moe_jax.routing import CapacitySpec, compute_capacity
 
 VMOE = dict(rounding='ceil', multiple_of=4)
 FLAXFORMER = dict(include_k=False, rounding='round', min_capacity=4)
@@ -55,3 +57,39 @@ def test_bad_rounding_and_multiple_raise():
     compute_capacity(8, 4, 1.0, rounding='up')
   with pytest.raises(ValueError, match='multiple_of must be >= 1'):
     compute_capacity(8, 4, 1.0, multiple_of=0)
+
+
+def test_capacity_spec_train_eval_explicit_and_none():
+  spec = CapacitySpec(capacity_factor=1.25, eval_capacity_factor=2.0)
+  assert spec.slots(8, 4, k=2) == 5                       # ceil(2·8·1.25/4)
+  assert spec.slots(8, 4, k=2, train=False) == 8          # ceil(2·8·2.0/4)
+  assert CapacitySpec(capacity_factor=1.25).slots(8, 4, k=1, train=False) == 3   # eval = train
+  # The conventions apply as in compute_capacity (flaxformer: k not multiplied in, round, min 4).
+  flax = CapacitySpec(capacity_factor=1.25, capacity_include_k=False, capacity_rounding='round',
+                      min_capacity=4)
+  assert flax.slots(100, 8, k=2) == 16                    # 15.625 -> 16
+  assert CapacitySpec(capacity_factor=1.05, capacity_multiple_of=4).slots(100, 8, k=2) == 28
+  # An explicit capacity wins over the factor, in evaluation too unless eval_capacity is set.
+  explicit = CapacitySpec(capacity_factor=1.0, eval_capacity_factor=4.0, capacity=3)
+  assert explicit.slots(8, 4) == 3 and explicit.slots(8, 4, train=False) == 3
+  assert CapacitySpec(capacity=3, eval_capacity=6).slots(8, 4, train=False) == 6
+  # No factor, no capacity: every expert can take every token of the group.
+  assert CapacitySpec().slots(10, 4, k=2) == 10
+  assert CapacitySpec(eval_capacity_factor=1.0).slots(10, 4, k=2) == 10       # training
+  assert CapacitySpec(eval_capacity_factor=1.0).slots(10, 4, k=2, train=False) == 5
+  with pytest.raises(ValueError, match=r'capacity must be in \[1, 8\]'):
+    CapacitySpec(capacity=9).slots(8, 4)
+
+
+@pytest.mark.parametrize('kwargs, field', [
+    (dict(capacity_factor=0.0), 'capacity_factor'),
+    (dict(eval_capacity_factor=-1.0), 'eval_capacity_factor'),
+    (dict(capacity=0), 'capacity'),
+    (dict(eval_capacity=2.5), 'eval_capacity'),
+    (dict(capacity_rounding='up'), 'capacity_rounding'),
+    (dict(capacity_multiple_of=0), 'capacity_multiple_of'),
+])
+def test_capacity_spec_rejects_bad_values_naming_the_keyword(kwargs, field):
+  with pytest.raises(ConfigError) as e:
+    CapacitySpec(**kwargs)
+  assert e.value.field == field

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.layers.routers_reinforce import ReinforceRouter, update_reinforce_baselines
+from moe_jax import layers
+from moe_jax.layers.routers.reinforce import ReinforceRouter
 from moe_jax.routing import reinforce as rl
 from tests.layers._rbg import rngs
 
@@ -138,7 +139,7 @@ def test_router_learns_the_best_arm_of_a_bandit():
 
     grads, (rewards, others) = jax.grad(loss, has_aux=True)(params)
     module = nnx.merge(graphdef, jax.tree.map(lambda p, g: p - 1.0 * g, params, grads), others)
-    assert update_reinforce_baselines(module, rewards) == 1
+    assert layers.after_step(module, rewards) == 1
     _, params, others = nnx.split(module, nnx.Param, ...)
     return (params, others), jnp.mean(rewards)
 

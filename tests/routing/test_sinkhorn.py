@@ -25,7 +25,11 @@ def skewed_logits(g=3, s=32, e=4, seed=0):
 
 def test_plan_matches_numpy_reference_fixed_iterations():
   logits = skewed_logits()
-  plan = jax.jit(lambda l: sinkhorn.sinkhorn_plan(l, temperature=0.5, num_iters=7))(jnp.asarray(logits))
+  f, g, _ = jax.jit(lambda l: sinkhorn.sinkhorn_potentials(l, temperature=0.5, num_iters=7))(
+      jnp.asarray(logits))
+  # P = exp(L/τ + f + g), as the potentials' docstring states.
+  plan = np.exp(logits.astype(np.float64) / 0.5 + np.asarray(f)[..., None]
+                + np.asarray(g)[:, None, :])
   for i in range(3):
     np.testing.assert_allclose(np.asarray(plan[i]), np_sinkhorn(logits[i], 0.5, 7), rtol=2e-4, atol=1e-7)
 

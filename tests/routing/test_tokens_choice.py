@@ -150,7 +150,7 @@ def test_dropped_assignments_have_zero_weight_and_zero_output():
   # An expert function with a bias: empty or dropped slots still produce non-zero rows.
   expert_fn = lambda buf: jnp.tanh(buf) + 1.0
   for name in ('einsum', 'gather'):   # the capacity engines (dropless ignores capacity)
-    engine = ENGINES[name]
+    engine = ENGINES[name]()
     y = np.asarray(jit(lambda x, r: engine.apply(x, r, expert_fn))(x, r))
     assert np.all(y[0, 2:] == 0.0), name
     assert np.all(np.abs(y[0, :2]) > 0), name

@@ -27,6 +27,8 @@ hidden rows of the local MLP per device, where the single-device engine holds N.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,7 @@ from moe_jax.routing import Routing
 Array = jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
 class DroplessEngine:
   """Token-choice routings without capacity.
 
@@ -51,15 +54,20 @@ class DroplessEngine:
       'padded' or 'emulated' (see `moe_jax.parallel.ragged`).
   """
   name = 'dropless'
+  # How expert parallelism runs it: 'rows' = the engine receives a `LocalExperts` and
+  # exchanges its expert-sorted rows itself (`moe_jax.parallel.expert_parallel`).
+  expert_parallel = 'rows'
+  impl: str = 'auto'
+  tile: int | None = None
+  exchange: str = 'auto'
 
-  def __init__(self, impl: str = 'auto', tile: int | None = None, exchange: str = 'auto'):
-    if impl not in grouped.IMPLS:
-      raise ValueError(f'impl must be one of {grouped.IMPLS}, got {impl!r}.')
-    if tile is not None and tile < 1:
-      raise ValueError(f'tile must be a positive int, got {tile!r}.')
-    ragged_lib.check_impl(exchange)   # not resolve_impl: engines are built at import
-    self.impl, self.tile, self.exchange = impl, tile, exchange
-    self._fallback = GatherEngine()
+  def __post_init__(self):
+    if self.impl not in grouped.IMPLS:
+      raise ValueError(f'impl must be one of {grouped.IMPLS}, got {self.impl!r}.')
+    if self.tile is not None and self.tile < 1:
+      raise ValueError(f'tile must be a positive int, got {self.tile!r}.')
+    # check_impl, not resolve_impl: 'auto' resolves on the backend when the layer runs.
+    ragged_lib.check_impl(self.exchange)
 
   def dispatch(self, x, r):
     raise NotImplementedError('the dropless engine has no fixed-size expert buffer; expert '
@@ -103,7 +111,7 @@ class DroplessEngine:
     """x: [G, S, d] -> [G, S, d]; `experts` must be an `Experts` module."""
     local = isinstance(experts, LocalExperts)
     if r.token_expert is None:
-      return self._fallback.apply(x, r, experts.buffer_fn if local else experts)
+      return GatherEngine().apply(x, r, experts.buffer_fn if local else experts)
     if not hasattr(experts, 'apply_grouped'):
       raise TypeError('the dropless engine needs an `Experts` module (with apply_grouped), '
                       f'got {type(experts).__name__}.')

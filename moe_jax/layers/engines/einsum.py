@@ -7,6 +7,7 @@ dense (Soft MoE) routings, which every other engine hands to it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -18,9 +19,13 @@ Array = jax.Array
 ExpertFn = Callable[[Array], Array]   # [E, N, d] -> [E, N, d]
 
 
+@dataclasses.dataclass(frozen=True)
 class EinsumEngine:
-  """Buffer engine: `dispatch` -> experts on `[E, G·C, d]` -> `combine`."""
+  """Buffer engine: `dispatch` -> experts on `[E, G·C, d]` -> `combine`. No options."""
   name = 'einsum'
+  # How expert parallelism runs it: 'buffer' = dispatch, all_to_all the [E, G, C, d]
+  # buffer, experts, all_to_all back, combine (`moe_jax.parallel.expert_parallel`).
+  expert_parallel = 'buffer'
 
   def dispatch(self, x: Array, r: Routing) -> Array:
     """x: [G, S, d] -> [E, G, C, d]."""

@@ -17,6 +17,8 @@ expert loop.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -27,7 +29,7 @@ from moe_jax.routing import Routing
 
 Array = jax.Array
 
-COMBINES = ('gather', 'scatter')
+EXPERTS_IMPLS = ('auto', 'batched', 'blocks')
 
 
 def slot_source(r: Routing) -> Array:
@@ -73,29 +75,27 @@ def buffer_tile(rows: int, max_tile: int = 256) -> int:
   return -(-rows // blocks)
 
 
+@dataclasses.dataclass(frozen=True)
 class GatherEngine(EinsumEngine):
   """Buffer engine by index. Dense routings (Soft MoE) use the einsum engine's dispatch
   and combine, which are dense by nature, and this engine's expert loop.
 
   Args:
-    combine: 'gather' (default; each token gathers its K slots, needs the token-side
-      view and falls back to 'scatter' without it) or 'scatter' (slots scatter-add into
-      tokens). Both give the same numbers; 'scatter' is kept for the benchmark ablation.
     experts_impl: how `apply` runs an `Experts` module on the buffer: 'batched' (one
       batched einsum over E, the einsum engine's way), 'blocks' (the dropless engine's
-      loop over blocks of at most 256 rows, whose activations stay in cache: faster on
-      CPU), or 'auto' (blocks on CPU, batched elsewhere). Other expert functions are
-      always called on the `[E, G·C, d]` buffer.
+      loop over blocks of at most `max_tile` rows, whose activations stay in cache:
+      faster on CPU), or 'auto' (blocks on CPU, batched elsewhere). Other expert
+      functions are always called on the `[E, G·C, d]` buffer.
     max_tile: largest block for 'blocks'.
   """
   name = 'gather'
+  experts_impl: str = 'auto'
+  max_tile: int = 256
 
-  def __init__(self, combine: str = 'gather', experts_impl: str = 'auto', max_tile: int = 256):
-    if combine not in COMBINES:
-      raise ValueError(f'combine must be one of {COMBINES}, got {combine!r}.')
-    if experts_impl not in ('auto', 'batched', 'blocks'):
-      raise ValueError(f"experts_impl must be 'auto', 'batched' or 'blocks', got {experts_impl!r}.")
-    self.combine_mode, self.experts_impl, self.max_tile = combine, experts_impl, max_tile
+  def __post_init__(self):
+    if self.experts_impl not in EXPERTS_IMPLS:
+      raise ValueError(f"experts_impl must be 'auto', 'batched' or 'blocks', "
+                       f'got {self.experts_impl!r}.')
 
   def apply(self, x: Array, r: Routing, expert_fn) -> Array:
     """x: [G, S, d] -> [G, S, d]."""
@@ -134,7 +134,7 @@ class GatherEngine(EinsumEngine):
       return super().combine(buf, r)
     e, g, c, d = buf.shape
     s = r.num_tokens
-    if r.token_slot is not None and self.combine_mode == 'gather':
+    if r.token_slot is not None:
       k = r.token_slot.shape[-1]
       pos = token_buffer_pos(r)                                        # [G*S, K]
       owner = slot_owner(r, slot_source(r))

@@ -16,18 +16,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.router_kwargs import check_routing_kwargs
-from moe_jax.layers.routers import LinearGate, Router
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router, check_k
 from moe_jax.parallel.collectives import global_sum
-from moe_jax.routing import Routing
+from moe_jax.routing import CapacitySpec, Routing
 from moe_jax.routing.deepseek import (BALANCE_COUNTS, SCORE_FUNCS, deepseek_routing,
                                      group_limited_top_k, update_expert_bias)
 
 
 class ExpertBias(nnx.Variable):
   """Per-expert selection bias b [E], float32: state, not a parameter. The optimizer
-  (`nnx.Optimizer(..., wrt=nnx.Param)`) never touches it; the router updates it in its
-  training-mode forward pass, like BatchNorm statistics."""
+  (`nnx.Optimizer(..., wrt=nnx.Param)`) never touches it; `after_step` updates it."""
+
+
+class ExpertCounts(nnx.Variable):
+  """Tokens routed to each expert [E] (float32, summed over the whole batch) by the
+  training forward passes since the last `after_step`, which consumes them."""
 
 
 def fine_grained(num_experts: int, expert_hidden: int, k: int, m: int) -> dict:
@@ -47,14 +51,15 @@ class DeepSeekRouter(Router):
   """Sigmoid affinities; top-k of s + b selects; gates from the unbiased s renormalised
   over the selected experts, times route_scale. Causal.
 
-  Aux-loss-free balancing: in training mode, every call updates the `expert_bias`
-  state with b += γ·sign(mean(c) − c) from this batch's expert counts c (all groups of
-  the call). The trainer calls the model once per step, so the update is applied once
-  per step, as in the paper; with gradient accumulation over n micro-batches it is
-  applied n times (divide `bias_update_rate` by n), and the bias used to select within a
-  step is the one from before that step's update. Evaluation (`module.eval()`) never
-  updates. Under `jax.jit` with a data-sharded batch the counts are global (the sum runs
-  over the whole batch); inside a hand-written `shard_map` they would be per shard.
+  Aux-loss-free balancing: every training-mode call adds this batch's expert counts c
+  (all groups of the call, summed over the whole batch) to the `expert_counts` state;
+  `after_step` (the trainer calls it once per step, after the optimizer update, through
+  `layers.after_step`) applies b += γ·sign(mean(c) − c) and clears the counts. So the
+  bias moves once per step from all of the step's tokens, as in the paper, also with
+  gradient accumulation, and the bias used to select within a step is the one from
+  before that step's update. Evaluation (`module.eval()`) counts nothing. The counts
+  are global under `jax.jit` with a data-sharded batch and inside the expert-parallel
+  `shard_map` (`parallel.global_sum`), so every device applies the same update.
 
   router_kwargs:
     k: routed experts per token (V3: 8; must be <= num_experts).
@@ -63,50 +68,46 @@ class DeepSeekRouter(Router):
     route_scale: gate multiplier (V3: 2.5).
     n_groups, topk_groups: group-limited routing (V3: 8 and 4; default 1, 1 = off).
     seq_balance_weight: α of the sequence-wise balance loss (V3: 1e-4, default on).
-    capacity_factor: None (default): C = S, no token dropped (DeepSeek-V3 drops none);
-      a number gives C = ceil(k·S·cf/E) (V2 used cf 1.0 at device level in training).
-    eval_capacity_factor: default same as training.
+    capacity keywords: none by default = C = S, no token dropped (DeepSeek-V3 drops
+      none); capacity_factor gives C = ceil(k·S·cf/E) (V2 used cf 1.0 at device level).
     init_scale: router init (Switch truncated normal; V3 uses std 0.006, not verified).
-    and renormalize, group_score, balance_count, capacity, capacity_include_k,
-    capacity_rounding, capacity_multiple_of, min_capacity of
-    `routing.deepseek.deepseek_routing`.
+    and renormalize, group_score, balance_count of `routing.deepseek.deepseek_routing`.
   """
   routing_fn = staticmethod(deepseek_routing)
+  default_capacity = CapacitySpec()
 
-  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 8,
-               bias_update_rate: float = 1e-3, capacity_factor: float | None = None,
-               eval_capacity_factor: float | None = None, init_scale: float = 0.1,
-               **routing_kwargs):
-    if not 1 <= k <= num_experts:
-      raise ValueError(f'deepseek: k={k} must be between 1 and num_experts={num_experts} '
-                       '(V3 routes 8 of 256; pass router_kwargs=dict(k=...)).')
-    self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
+               context: LayerContext | None = None, k: int = 8,
+               bias_update_rate: float = 1e-3, init_scale: float = 0.1, **kwargs):
+    self.k = check_k(k, num_experts, ' (V3 routes 8 of 256; pass router_kwargs=dict(k=...))')
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs,
+                     gate_init_scale=init_scale)
+    self.bias_update_rate = bias_update_rate
     self.expert_bias = ExpertBias(jnp.zeros((num_experts,), jnp.float32))
-    self.k, self.num_experts, self.bias_update_rate = k, num_experts, bias_update_rate
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
-                                 else eval_capacity_factor)
-    self.routing_kwargs = check_routing_kwargs(
-        deepseek_routing, routing_kwargs, 'deepseek', reserved=('k', 'capacity_factor'))
+    self.expert_counts = ExpertCounts(jnp.zeros((num_experts,), jnp.float32))
     # Fail on bad group options at construction rather than at the first call.
-    group_options = {n: v for n, v in routing_kwargs.items()
+    group_options = {n: v for n, v in kwargs.items()
                      if n in ('n_groups', 'topk_groups', 'group_score')}
     jax.eval_shape(lambda s: group_limited_top_k(s, k, **group_options),
                    jax.ShapeDtypeStruct((num_experts,), jnp.float32))
     for name, choices in (('score_func', SCORE_FUNCS), ('balance_count', BALANCE_COUNTS)):
-      if name in routing_kwargs and routing_kwargs[name] not in choices:
-        raise ValueError(f'deepseek: {name} must be one of {choices}, '
-                         f'got {routing_kwargs[name]!r}.')
-    self.deterministic = False
+      if name in kwargs and kwargs[name] not in choices:
+        raise ValueError(f'deepseek: {name} must be one of {choices}, got {kwargs[name]!r}.')
 
   def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None) -> Routing:
-    """x: [G, S, d] -> Routing; in training also updates `expert_bias`."""
-    bias = self.expert_bias[...]
-    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-    r = deepseek_routing(self.gate(x), bias, k=self.k, capacity_factor=cf, **self.routing_kwargs)
+    """x: [G, S, d] -> Routing; in training also counts the tokens per expert."""
+    r = deepseek_routing(self.gate(x), self.expert_bias[...], k=self.k,
+                         capacity=self.slots(x.shape[1], self.k), **self.routing_kwargs)
     if not self.deterministic and self.bias_update_rate:
       # Global counts, so every device of an expert-parallel layer applies the same update.
       counts = global_sum(jnp.sum(jax.nn.one_hot(r.token_expert, self.num_experts,
                                                  dtype=jnp.float32), axis=(0, 1, 2)))
-      self.expert_bias[...] = update_expert_bias(bias, counts, self.bias_update_rate)
+      self.expert_counts[...] = self.expert_counts[...] + counts
     return r
+
+  def after_step(self, rewards=None, *, mask=None) -> None:
+    """b += γ·sign(mean(c) − c) from the counts of the step's training calls; clears c."""
+    if self.bias_update_rate:
+      self.expert_bias[...] = update_expert_bias(self.expert_bias[...], self.expert_counts[...],
+                                                 self.bias_update_rate)
+      self.expert_counts[...] = jnp.zeros_like(self.expert_counts[...])

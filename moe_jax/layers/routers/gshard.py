@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.router_kwargs import check_routing_kwargs
-from moe_jax.layers.routers import LinearGate, Router
-from moe_jax.routing import Routing
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router
+from moe_jax.routing import CapacitySpec, Routing
 from moe_jax.routing.gshard import RENORMALIZE, SECOND_POLICIES, gshard_top2
 
 
@@ -27,19 +27,20 @@ class GShardTop2Router(Router):
     second_threshold: 'random' dispatches iff U < g2/threshold (default 0.5 = the paper's
       2·g2 > U; mesh-tf 0.2); 'threshold' dispatches iff g2 > threshold (default 0.2).
     renormalize: 'before' (default; paper, mesh-tf) or 'after' (lingvo, fairseq) the drops.
-    capacity_factor: C = ceil(2·S·cf/E); default 1.0 = the paper's 2S/E.
-    eval_capacity_factor: default same as training.
+    capacity keywords: capacity_factor 1.0 gives C = ceil(2·S·cf/E) = the paper's 2S/E
+      (k = 2 multiplied in); eval: as training.
     init_scale: router init (Switch truncated normal, std sqrt(0.1/d)).
-    and load_balance_weight (1e-2), z_loss_weight (0), capacity, capacity_include_k,
-    capacity_rounding, capacity_multiple_of, min_capacity of `routing.gshard.gshard_top2`.
+    and load_balance_weight (1e-2), z_loss_weight (0) of `routing.gshard.gshard_top2`
+    (second_threshold too: passed through).
   """
   routing_fn = staticmethod(gshard_top2)
+  set_by_router = ('uniform',)
+  default_capacity = CapacitySpec(capacity_factor=1.0)
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
-               second_policy: str = 'random', eval_second_policy: str = 'all',
-               second_threshold: float | None = None, renormalize: str = 'before',
-               capacity_factor: float = 1.0, eval_capacity_factor: float | None = None,
-               init_scale: float = 0.1, **routing_kwargs):
+               context: LayerContext | None = None, second_policy: str = 'random',
+               eval_second_policy: str = 'all', renormalize: str = 'before',
+               init_scale: float = 0.1, **kwargs):
     if num_experts < 2:
       raise ValueError(f'gshard_top2 needs num_experts >= 2, got {num_experts}.')
     for name, policy in (('second_policy', second_policy),
@@ -49,26 +50,18 @@ class GShardTop2Router(Router):
     if renormalize not in RENORMALIZE:
       raise ValueError(f'gshard_top2: renormalize must be one of {RENORMALIZE}, '
                        f'got {renormalize!r}.')
-    self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs,
+                     gate_init_scale=init_scale,
+                     stochastic='random' in (second_policy, eval_second_policy))
     self.second_policy, self.eval_second_policy = second_policy, eval_second_policy
-    self.second_threshold, self.renormalize = second_threshold, renormalize
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
-    self.routing_kwargs = check_routing_kwargs(
-        gshard_top2, routing_kwargs, 'gshard_top2',
-        reserved=('uniform', 'second_policy', 'second_threshold', 'renormalize', 'capacity_factor'))
-    self.deterministic = False
-    needs_rng = 'random' in (second_policy, eval_second_policy)
-    self.rngs = rngs['gating'].fork() if needs_rng else nnx.data(None)
+    self.renormalize = renormalize
 
   def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None) -> Routing:
     """x: [G, S, d] -> Routing."""
     logits = self.gate(x)
     policy = self.eval_second_policy if self.deterministic else self.second_policy
-    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
     uniform = None
     if policy == 'random':
       uniform = jax.random.uniform(self.rngs(), logits.shape[:2], jnp.float32)
-    return gshard_top2(logits, uniform=uniform, second_policy=policy,
-                       second_threshold=self.second_threshold, renormalize=self.renormalize,
-                       capacity_factor=cf, **self.routing_kwargs)
+    return gshard_top2(logits, uniform=uniform, second_policy=policy, renormalize=self.renormalize,
+                       capacity=self.slots(x.shape[1], k=2), **self.routing_kwargs)

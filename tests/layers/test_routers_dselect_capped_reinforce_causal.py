@@ -1,5 +1,6 @@
-"""Routers of catalogue C inside `MoeLayer`: jit, both engines, train and eval mode,
-gradients into the router parameters, and the common metrics."""
+"""DSelect-k, capped expert choice, REINFORCE and causal Soft MoE inside `MoeLayer`: jit,
+both engines, train and eval mode, gradients into the router parameters, and the common
+metrics."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ from flax import nnx
 
 from moe_jax.layers import ROUTERS, MoeLayer
 from moe_jax.layers.engines import EinsumEngine, GatherEngine
-from moe_jax.layers.routers_dselect_k import DSelectKRouter
+from moe_jax.layers.routers.dselect_k import DSelectKRouter
 from tests.layers._rbg import rngs
 
 D, E, H = 8, 4, 16     # shared with the other layer tests (one initialisation per shape)

@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.routers import Router
-from moe_jax.routing import compute_capacity
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router
+from moe_jax.routing import CapacitySpec
 from moe_jax.routing import dselect_k as dselect_lib
+from moe_jax.routing.capacity import EVAL_CAPACITY_KWARGS
 
 Array = jax.Array
 GATES = ('per_token', 'static')
@@ -40,19 +42,23 @@ class DSelectKRouter(Router):
     entropy_weight: λ of the entropy regulariser (default 1e-6; mean over tokens).
     reachability_weight: coefficient of Σ 1/Σ_e r when E is not a power of 2 (1.0).
     eval_sparse: route to the selected experts only at evaluation (default True).
-    eval_capacity_factor: None (default) gives C = S at evaluation, so nothing is ever
-      dropped, but the einsum/gather engines still run E·S slots (the empty ones on
-      zeros); a value gives C = ceil(k·S·cf/E): k/E of the dense cost, drops possible.
+    eval_capacity_factor (and the other evaluation capacity keywords): none (default)
+      gives C = S at evaluation, so nothing is ever dropped, but the einsum/gather
+      engines still run E·S slots (the empty ones on zeros); eval_capacity_factor gives
+      C = ceil(k·S·cf/E): k/E of the dense cost, drops possible.
   Aux losses are reported in both modes (the official code adds them in training only;
   trainers add aux losses in training only).
   Causal: yes (each token's weights depend on that token only, or on nothing).
   """
+  routing_fn = staticmethod(dselect_lib.dselect_k)
+  set_by_router = ('num_experts', 'sparse')
+  default_capacity = CapacitySpec()
+  capacity_kwargs = EVAL_CAPACITY_KWARGS
   causal = True
 
-  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, k: int = 2,
-               gamma: float = 1.0, gate: str = 'per_token', entropy_weight: float = 1e-6,
-               reachability_weight: float = 1.0, eval_sparse: bool = True,
-               eval_capacity_factor: float | None = None):
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
+               context: LayerContext | None = None, k: int = 2, gamma: float = 1.0,
+               gate: str = 'per_token', eval_sparse: bool = True, **kwargs):
     if not 1 <= k:
       raise ValueError(f'dselect_k needs k >= 1 selectors, got k={k}.')
     if gate not in GATES:
@@ -60,9 +66,8 @@ class DSelectKRouter(Router):
     if gamma <= 0:
       raise ValueError(f'gamma must be > 0, got {gamma}.')
     m = dselect_lib.num_code_bits(num_experts)
-    self.num_experts, self.k, self.m, self.gamma, self.gate = num_experts, k, m, gamma, gate
-    self.entropy_weight, self.reachability_weight = entropy_weight, reachability_weight
-    self.eval_sparse, self.eval_capacity_factor = eval_sparse, eval_capacity_factor
+    self.k, self.m, self.gamma, self.gate_kind = k, m, gamma, gate
+    self.eval_sparse = eval_sparse
     z_init, w_init = symmetric_uniform(gamma / 100), symmetric_uniform(0.05)
     if gate == 'per_token':
       # Kernel and bias share one draw per map (same distribution, one compiled sampler).
@@ -73,12 +78,12 @@ class DSelectKRouter(Router):
     else:
       self.z_logits = nnx.Param(z_init(rngs.params(), (k, m)))
       self.w_logits = nnx.Param(w_init(rngs.params(), (k,)))
-    self.deterministic = False
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs)
 
   def selector_logits(self, x: Array) -> tuple[Array, Array]:
     """x: [G, S, d] -> (z [G, S, k, m], w [G, S, k]) float32."""
     g, s, _ = x.shape
-    if self.gate == 'static':
+    if self.gate_kind == 'static':
       return (jnp.broadcast_to(self.z_logits[...], (g, s, self.k, self.m)),
               jnp.broadcast_to(self.w_logits[...], (g, s, self.k)))
     x = x.astype(jnp.float32)
@@ -90,11 +95,6 @@ class DSelectKRouter(Router):
   def __call__(self, x: Array, *, token_ids: Array | None = None):
     z, w = self.selector_logits(x)
     sparse = self.deterministic and self.eval_sparse
-    capacity = None
-    if sparse and self.eval_capacity_factor is not None:
-      capacity = compute_capacity(x.shape[1], self.num_experts, self.eval_capacity_factor,
-                                  k=min(self.k, self.num_experts))
+    capacity = self.slots(x.shape[1], min(self.k, self.num_experts)) if sparse else None
     return dselect_lib.dselect_k(z, w, num_experts=self.num_experts, gamma=self.gamma,
-                                 entropy_weight=self.entropy_weight,
-                                 reachability_weight=self.reachability_weight, sparse=sparse,
-                                 capacity=capacity)
+                                 sparse=sparse, capacity=capacity, **self.routing_kwargs)

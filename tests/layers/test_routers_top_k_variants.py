@@ -1,5 +1,6 @@
-"""Every catalogue-A router inside `MoeLayer`: nnx.jit, train and eval, einsum and gather
-engines (same numbers), bf16 activations, gradients into the router parameters."""
+"""The top-k variants (noisy top-k, GShard top-2, Switch, straight-through, DeepSeek)
+inside `MoeLayer`: nnx.jit, train and eval, einsum and gather engines (same numbers), bf16
+activations, gradients into the router parameters."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import layers
+from moe_jax.errors import ConfigError
 
 
 D, E, H = 8, 4, 16
@@ -65,7 +67,8 @@ def test_registry_and_flags():
   for name in CASES:
     assert name in layers.ROUTERS
     assert layers.ROUTERS[name].causal                 # every one of them is causal
-  with pytest.raises(ValueError, match="unknown router_kwargs \\['capacity_factr'\\]"):
+  with pytest.raises(ConfigError, match="takes no argument 'capacity_factr'. Did you mean "
+                     "'capacity_factor'"):
     layers.MoeLayer(D, E, H, router='switch', router_kwargs=dict(capacity_factr=2.0),
                     rngs=rngs())
 

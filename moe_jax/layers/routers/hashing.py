@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.layers.routers import Router
-from moe_jax.routing import hashing
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router
+from moe_jax.routing import CapacitySpec, hashing
 from moe_jax.routing.types import Routing
 
 Array = jax.Array
@@ -51,18 +52,19 @@ class HashRouter(Router):
     seed: int fixing the hash function; None (default) draws it from the `params` rng
       stream, so every layer of a model hashes differently.
     num_hashes: N for 'multihash' (default 2); num_experts must be N × real experts.
-    capacity_factor: None (default) = no drops (C = S, as in the paper, whose layers
-      have no capacity); a number caps C = ceil(K·S·cf/E) and drops in token order.
-      With the einsum/gather engines C = S costs E× the expert FLOPs of a balanced
-      top-1 layer; use the dropless engine or set a capacity for speed.
-    eval_capacity_factor: the same at evaluation (default: capacity_factor).
+    the capacity keywords: none by default = no drops (C = S, as in the paper, whose
+      layers have no capacity); capacity_factor caps C = ceil(K·S·cf/E) and drops in
+      token order. With the einsum/gather engines C = S costs E× the expert FLOPs of a
+      balanced top-1 layer; use the dropless engine or set a capacity for speed.
   """
+  routing_fn = staticmethod(hashing.hash_routing)
+  default_capacity = CapacitySpec()
   needs_token_ids = True
 
-  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, kind: str = 'random',
-               table=None, table_path: str | None = None, seed: int | None = None,
-               num_hashes: int = 2, capacity_factor: float | None = None,
-               eval_capacity_factor: float | None = None):
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
+               context: LayerContext | None = None, kind: str = 'random', table=None,
+               table_path: str | None = None, seed: int | None = None, num_hashes: int = 2,
+               **kwargs):
     if kind not in hashing.HASH_KINDS:
       raise ValueError(f'unknown hash kind {kind!r}; choose one of {hashing.HASH_KINDS}.')
     if table is not None and table_path is not None:
@@ -84,10 +86,8 @@ class HashRouter(Router):
     if seed is None:
       seed = jax.random.bits(rngs.params(), (), jnp.uint32)
     self.seed = HashState(jnp.asarray(seed).astype(jnp.uint32))
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs)
     self.needs_token_ids = kind != 'position'
-    self.deterministic = False
 
   def _checked_table(self, table) -> Array:
     if isinstance(table, jax.core.Tracer):      # a traced table cannot be checked here
@@ -118,5 +118,5 @@ class HashRouter(Router):
     expert = hashing.hash_experts(token_ids, self.num_experts, kind=self.kind, table=table,
                                   seed=self.seed[...], num_hashes=self.num_hashes, num_tokens=s)
     expert = jnp.broadcast_to(expert, (g, s, expert.shape[-1]))
-    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-    return hashing.hash_routing(expert, self.num_experts, capacity_factor=cf)
+    return hashing.hash_routing(expert, self.num_experts,
+                                capacity=self.slots(s, k=expert.shape[-1]))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from moe_jax.layers.routers import LinearGate, Router
-from moe_jax.routing import sinkhorn
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router
+from moe_jax.routing import CapacitySpec, sinkhorn
 from moe_jax.routing.types import Routing
 
 Array = jax.Array
@@ -27,31 +28,29 @@ class SinkhornBaseRouter(Router):
     num_iters: fixed Sinkhorn iteration count, or None (default) for tolerance mode:
       stop when every row sum is within `tol` (default 1e-3) of 1, at most `max_iters`
       (default 100).
-    capacity_factor: None (default) = no drops (C = S); else C = ceil(S·cf/E), overflow
-      dropped in token order. `eval_capacity_factor` likewise (default: capacity_factor).
+    the capacity keywords: none by default = no drops (C = S); capacity_factor gives
+      C = ceil(S·cf/E), overflow dropped in token order.
     noise_std, init_scale: as for `TokensChoiceRouter`.
   """
+  routing_fn = staticmethod(sinkhorn.sinkhorn_base)
+  set_by_router = ('train',)
+  default_capacity = CapacitySpec()
   causal = False
 
-  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, gate: str = 'sigmoid',
-               temperature: float = 1.0, num_iters: int | None = None, tol: float = 1e-3,
-               max_iters: int = 100, capacity_factor: float | None = None,
-               eval_capacity_factor: float | None = None, noise_std: float = 0.0,
-               init_scale: float = 0.1):
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
+               context: LayerContext | None = None, gate: str = 'sigmoid',
+               temperature: float = 1.0, noise_std: float = 0.0, init_scale: float = 0.1,
+               **kwargs):
     if gate not in sinkhorn.GATES:
       raise ValueError(f'gate must be one of {sinkhorn.GATES}, got {gate!r}.')
     if temperature <= 0:
       raise ValueError(f'temperature must be > 0, got {temperature}.')
-    self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
-    self.gate_kind = gate
-    self.sinkhorn_kwargs = dict(temperature=temperature, num_iters=num_iters, tol=tol,
-                                max_iters=max_iters)
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
-    self._init_noise(noise_std, rngs)
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs,
+                     gate_init_scale=init_scale, noise_std=noise_std)
+    self.gate_kind, self.temperature = gate, temperature
 
   def __call__(self, x: Array, *, token_ids: Array | None = None) -> Routing:
-    logits = self._noisy(self.gate(x))
-    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+    logits = self.add_noise(self.gate(x))
     return sinkhorn.sinkhorn_base(logits, train=not self.deterministic, gate=self.gate_kind,
-                                  capacity_factor=cf, **self.sinkhorn_kwargs)
+                                  temperature=self.temperature, capacity=self.slots(x.shape[1]),
+                                  **self.routing_kwargs)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.router_kwargs import check_routing_kwargs
-from moe_jax.layers.routers import LinearGate, Router
-from moe_jax.routing import Routing
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router
+from moe_jax.routing import CapacitySpec, Routing
 from moe_jax.routing.switch import multiplicative_jitter, switch_top1
 
 
@@ -16,42 +16,37 @@ class SwitchRouter(Router):
   """Top-1 with the raw softmax gate p_{i*}, capacity 1.25 train / 2.0 eval. Causal.
 
   router_kwargs:
-    capacity_factor: training cf (1.25, paper §2.2); eval_capacity_factor: 2.0 (paper).
+    capacity keywords: capacity_factor 1.25 (paper §2.2), eval_capacity_factor 2.0 (paper).
     jitter_eps: multiplicative input jitter ε on the router input, training only
       (default 1e-2, the paper's best exploration policy and mesh-tf's default; 0 turns
       it off, as flaxformer / T5X and ST-MoE do).
     init_scale: router init, truncated normal std sqrt(init_scale/d) (paper: 0.1).
-    and load_balance_weight (α = 1e-2), z_loss_weight (0), capacity,
-    capacity_rounding, capacity_multiple_of, min_capacity of `routing.switch.switch_top1`.
+    and load_balance_weight (α = 1e-2), z_loss_weight (0) of `routing.switch.switch_top1`.
   """
   routing_fn = staticmethod(switch_top1)
+  set_by_router = ('straight_through',)
+  default_capacity = CapacitySpec(capacity_factor=1.25, eval_capacity_factor=2.0)
   straight_through = False
   default_jitter_eps = 1e-2
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
-               capacity_factor: float = 1.25, eval_capacity_factor: float | None = 2.0,
-               jitter_eps: float | None = None, init_scale: float = 0.1, **routing_kwargs):
+               context: LayerContext | None = None, jitter_eps: float | None = None,
+               init_scale: float = 0.1, **kwargs):
     name = 'straight_through' if self.straight_through else 'switch'
     jitter_eps = self.default_jitter_eps if jitter_eps is None else jitter_eps
     if not 0.0 <= jitter_eps < 1.0:
       raise ValueError(f'{name}: jitter_eps must be in [0, 1), got {jitter_eps}.')
-    self.gate = LinearGate(d_model, num_experts, init_scale=init_scale, rngs=rngs)
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor or capacity_factor
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs,
+                     gate_init_scale=init_scale, stochastic=bool(jitter_eps))
     self.jitter_eps = jitter_eps
-    self.routing_kwargs = check_routing_kwargs(
-        switch_top1, routing_kwargs, name, reserved=('straight_through', 'capacity_factor'))
-    self.deterministic = False
-    self.rngs = rngs['gating'].fork() if jitter_eps else nnx.data(None)
 
   def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None) -> Routing:
     """x: [G, S, d] -> Routing."""
     x = x.astype(jnp.float32)
     if self.jitter_eps and not self.deterministic:
       x = multiplicative_jitter(x, self.rngs(), self.jitter_eps)
-    cf = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-    return switch_top1(self.gate(x), straight_through=self.straight_through, capacity_factor=cf,
-                       **self.routing_kwargs)
+    return switch_top1(self.gate(x), straight_through=self.straight_through,
+                       capacity=self.slots(x.shape[1]), **self.routing_kwargs)
 
 
 class StraightThroughRouter(SwitchRouter):

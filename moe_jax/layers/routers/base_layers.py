@@ -1,11 +1,11 @@
-"""`BaseRouter`: BASE layers (Lewis et al. 2021), registry name 'base'.
+"""`BaseLayersRouter`: BASE layers (Lewis et al. 2021), registry name 'base'.
 
     layer = MoeLayer(d, E, h, router='base', rngs=...)     # S tokens per group, S % E == 0
 
 Params: `centroids` w_e [E, d] (the paper's expert embeddings), orthogonal init with
 gain 0.1 (fairseq). Affinity A[t, e] = h_t · w_e in float32.
 
-* training: the optimal balanced assignment (`routing.base`), every expert exactly S/E
+* training: the optimal balanced assignment (`routing.base_layers`), every expert exactly S/E
   tokens per group, nothing dropped; with `shuffle=True` (fairseq's default
   `base_shuffle`) the tokens of all groups are first permuted at random across the
   batch, so each assignment problem sees a random mix of the batch (the paper's random
@@ -23,32 +23,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.layers.routers import Router
-from moe_jax.routing import base
+from moe_jax.layers.moe_config import LayerContext
+from moe_jax.layers.routers.base import Router
+from moe_jax.routing import base_layers
+from moe_jax.routing.capacity import EVAL_CAPACITY_KWARGS, CapacitySpec
 from moe_jax.routing.types import Routing
 
 Array = jax.Array
 
 
-class BaseRouter(Router):
+class BaseLayersRouter(Router):
   """BASE router.
 
   router_kwargs:
     shuffle: permute the tokens of all groups before the assignment in training
       (default True, fairseq `base_shuffle=1`); needs the `gating` rng stream (falls
       back to `default`).
-    eval_capacity: C at evaluation (default None: S, nothing dropped, as in the paper).
     init_gain: gain of the orthogonal centroid init (default 0.1).
+    eval_capacity (and the other evaluation capacity keywords): C at evaluation
+      (default S, nothing dropped, as in the paper). Training always gives every expert
+      exactly S/E tokens.
   """
+  routing_fn = staticmethod(base_layers.base_routing)
+  set_by_router = ('train',)
+  default_capacity = CapacitySpec()
+  capacity_kwargs = EVAL_CAPACITY_KWARGS
   causal = False
 
-  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, shuffle: bool = True,
-               eval_capacity: int | None = None, init_gain: float = 0.1):
+  def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs,
+               context: LayerContext | None = None, shuffle: bool = True,
+               init_gain: float = 0.1, **kwargs):
     init = jax.nn.initializers.orthogonal(scale=init_gain)
     self.centroids = nnx.Param(init(rngs.params(), (num_experts, d_model), jnp.float32))
-    self.num_experts, self.shuffle, self.eval_capacity = num_experts, shuffle, eval_capacity
-    self.deterministic = False
-    self.rngs = rngs['gating'].fork() if shuffle else nnx.data(None)
+    self.shuffle = shuffle
+    super().__init__(d_model, num_experts, rngs=rngs, context=context, kwargs=kwargs,
+                     stochastic=shuffle)
 
   def affinities(self, x: Array) -> Array:
     """x: [G, S, d] -> A [G, S, E] float32."""
@@ -61,5 +70,6 @@ class BaseRouter(Router):
     return jax.random.permutation(self.rngs(), num_groups * num_tokens).astype(jnp.int32)
 
   def __call__(self, x: Array, *, token_ids: Array | None = None) -> Routing:
-    return base.base_routing(self.affinities(x), train=not self.deterministic,
-                             capacity=self.eval_capacity)
+    # Training ignores the capacity (exactly S/E per expert); evaluation uses it.
+    return base_layers.base_routing(self.affinities(x), train=not self.deterministic,
+                                    capacity=self.slots(x.shape[1]))
