@@ -1,0 +1,354 @@
+"""Shared transformer parts: the MLP, the MLP-or-MoE factory, the pre-norm block, a stack.
+
+    moe = moe_config(config_dict, field='config.model.moe')      # MoeConfig | None
+    mlp = make_mlp(d, hidden, moe=moe, context=LayerContext(tokens_per_group=S,
+                   causal=True, name='decoder/block_03'), rngs=rngs)   # Mlp | MoeLayer
+    block = Block(d, heads, mlp, cross_attention=True, norm='rmsnorm', rngs=rngs)
+    x, aux = block(x, token_ids, mask=mask, bias=bias, encoded=enc, cross_mask=cmask)
+
+    stack = Stack(depth, width=d, num_heads=h, mlp_dim=f, name='decoder', causal=True,
+                  cross_attention=True, moe=moe, rngs=rngs)     # T5 encoder / decoder
+    x, aux = stack(x, token_ids, segment_ids=seg, encoded=enc, encoded_segment_ids=enc_seg)
+
+`Mlp` keeps its kernels as `fc1`, `fc2` (and `fc_gate` with GLU) so that sparse upcycling
+maps them onto an MoE layer's experts at the same module path (fc1 -> w_in, fc_gate ->
+w_gate, fc2 -> w_out). Everything a router needs from the model reaches it through the
+`LayerContext` the factory passes (group length, decoder or not, the layer's name) and
+through the token ids the block hands to every MoE call (hash routers).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.errors import ConfigError
+from moe_jax.layers import LayerContext, MoeConfig, MoeLayer, SoftMoeRouter
+from moe_jax.layers.experts import ACTIVATIONS
+from moe_jax.models.attention import (Attention, RelativePositionBias, and_masks, causal_mask,
+                                      padding_mask, segment_mask)
+from moe_jax.models.placement import moe_block_indices
+
+Array = jax.Array
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+NORMS = ('layernorm', 'rmsnorm')
+# Hash kinds whose expert for token t reads other tokens of its group (t-1, or t's index).
+_CONTEXT_HASH_KINDS = ('previous', 'bigram', 'position', 'next')
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {name!r}.')
+  return DTYPES[name]
+
+
+def make_norm(kind: str, width: int, *, eps: float = 1e-6, dtype=None, rngs: nnx.Rngs) -> nnx.Module:
+  """LayerNorm (ViT) or RMSNorm (T5: scale only, no mean subtraction)."""
+  if kind == 'layernorm':
+    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
+  if kind == 'rmsnorm':
+    return nnx.RMSNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
+  raise ValueError(f'norm must be one of {NORMS}, got {kind!r}.')
+
+
+class Mlp(nnx.Module):
+  """Dense MLP: fc2(act(fc1(x))), or with `glu` fc2(act(fc_gate(x)) * fc1(x)) (GEGLU /
+  SwiGLU, Shazeer 2020, the gated branch as in `layers.Experts`). x: [B, S, d] -> [B, S, d]."""
+
+  def __init__(self, width: int, hidden: int, *, activation: str = 'gelu', glu: bool = False,
+               use_bias: bool = True, kernel_init=None, dtype=None, rngs: nnx.Rngs):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f'activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.')
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                                     kernel_init=kernel_init or nnx.initializers.xavier_uniform())
+    self.activation = activation
+    self.fc1 = linear(width, hidden)
+    self.fc_gate = linear(width, hidden) if glu else nnx.data(None)
+    self.fc2 = linear(hidden, width)
+
+  def __call__(self, x: Array) -> Array:
+    act = ACTIVATIONS[self.activation]
+    if self.fc_gate is None:
+      return self.fc2(act(self.fc1(x)))
+    return self.fc2(act(self.fc_gate(x)) * self.fc1(x))
+
+
+def moe_config(moe: Mapping[str, Any] | MoeConfig | None, *, field: str,
+               defaults: Mapping[str, Any] | None = None) -> MoeConfig | None:
+  """A model's MoE option (dict, ConfigDict, MoeConfig or None) -> a validated MoeConfig.
+
+  `defaults` fill the keys the dict leaves out (a model passes its own MLP's `glu`,
+  `activation`, `use_bias`, so experts match the dense MLPs unless configured otherwise).
+  None (or router 'dense') -> None. Raises ConfigError naming `field.<key>`.
+  """
+  if moe is None or isinstance(moe, MoeConfig):
+    return moe
+  d = dict(moe.to_dict() if hasattr(moe, 'to_dict') else moe)
+  if d and d.get('router', 'dense') != 'dense':
+    d = {**dict(defaults or {}), **d}
+  return MoeConfig.from_dict(d, field=field)
+
+
+def make_mlp(width: int, hidden: int, *, moe: MoeConfig | None, context: LayerContext,
+             activation: str = 'gelu', glu: bool = False, use_bias: bool = True,
+             kernel_init=None, dtype=None, field: str = 'moe', rngs: nnx.Rngs) -> nnx.Module:
+  """The block's feed-forward layer: a dense `Mlp`, or the `MoeLayer` that `moe` describes.
+
+  Args:
+    width, hidden: d and the dense MLP's hidden width (the experts' default).
+    moe: None for a dense MLP.
+    context: what the MoE layer (and its router) learns from the model; a causal
+      context refuses routers that read later tokens unless `moe.allow_future_leak`.
+    field: dotted name of the MoE option, prefixed to a ConfigError.
+  """
+  if moe is None:
+    return Mlp(width, hidden, activation=activation, glu=glu, use_bias=use_bias,
+               kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+  try:
+    return MoeLayer.from_config(moe, width, default_hidden=hidden, context=context, dtype=dtype,
+                                rngs=rngs)
+  except ConfigError as e:
+    raise e.under(field) from None
+
+
+def routes_tokens_alone(layer: MoeLayer) -> bool:
+  """Whether the layer may route a decode step's new token as a group of its own.
+
+  True when the routing of token t reads x_t (and t's token id) only, apart from capacity:
+  then routing [B, 1] at every step equals routing the whole sequence whenever nothing is
+  dropped. False for routers that mix tokens (Soft MoE variants), hash kinds that read a
+  neighbour or the position, non-causal layers and layers with cross-sequence groups; a
+  router may declare it with a `token_local` attribute.
+  """
+  router = layer.router
+  declared = getattr(router, 'token_local', None)
+  if declared is not None:
+    return bool(declared)
+  if layer.group_size is not None or not layer.is_causal or isinstance(router, SoftMoeRouter):
+    return False
+  return getattr(router, 'kind', None) not in _CONTEXT_HASH_KINDS
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; `mlp` is an `Mlp` or a `MoeLayer` (from `make_mlp`).
+
+      x += attn(norm1(x))                          mask, bias: self-attention
+      x += cross_attn(norm_cross(x), encoded)      with cross_attention
+      x += mlp(norm2(x))                           MoE layers get token_ids
+      x += mlp_extra(norm_extra(x))                with extra_mlp (ST-MoE's dense
+                                                   MLP after every sparse one)
+  """
+
+  def __init__(self, width: int, num_heads: int, mlp: nnx.Module, *, head_dim: int | None = None,
+               cross_attention: bool = False, extra_mlp: nnx.Module | None = None,
+               norm: str = 'layernorm', norm_eps: float = 1e-6, use_bias: bool = True,
+               fused_qkv: bool = False, kernel_init=None, dtype=None, rngs: nnx.Rngs):
+    attention = lambda fused: Attention(width, num_heads, head_dim=head_dim, fused_qkv=fused,
+                                        use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
+                                        rngs=rngs)
+    self.norm1 = make_norm(norm, width, eps=norm_eps, dtype=dtype, rngs=rngs)
+    self.attn = attention(fused_qkv)
+    if cross_attention:
+      self.norm_cross = make_norm(norm, width, eps=norm_eps, dtype=dtype, rngs=rngs)
+      self.cross_attn = attention(False)
+    else:
+      self.norm_cross = self.cross_attn = nnx.data(None)
+    self.norm2 = make_norm(norm, width, eps=norm_eps, dtype=dtype, rngs=rngs)
+    self.mlp = mlp
+    self.is_moe = isinstance(mlp, MoeLayer)
+    if extra_mlp is not None:
+      self.norm_extra = make_norm(norm, width, eps=norm_eps, dtype=dtype, rngs=rngs)
+      self.mlp_extra = extra_mlp
+    else:
+      self.norm_extra = self.mlp_extra = nnx.data(None)
+
+  def _ffn(self, x: Array, token_ids: Array | None) -> tuple[Array, dict | None]:
+    h = self.norm2(x)
+    if self.is_moe:
+      y, aux = self.mlp(h, token_ids=token_ids)
+    else:
+      y, aux = self.mlp(h), None
+    x = x + y
+    if self.mlp_extra is not None:
+      x = x + self.mlp_extra(self.norm_extra(x))
+    return x, aux
+
+  def __call__(self, x: Array, token_ids: Array | None = None, *, mask: Array | None = None,
+               bias: Array | None = None, encoded: Array | None = None,
+               cross_mask: Array | None = None) -> tuple[Array, dict | None]:
+    """x [B, L, d], token_ids [B, L] int (hash routers), encoded [B, Lk, d] (cross-
+    attention) -> (x [B, L, d], the MoE layer's aux or None)."""
+    x = x + self.attn(self.norm1(x), mask=mask, bias=bias)
+    if self.cross_attn is not None:
+      x = x + self.cross_attn(self.norm_cross(x), encoded, mask=cross_mask)
+    return self._ffn(x, token_ids)
+
+  def decode_step(self, x: Array, token_ids: Array | None, cache: dict, index: Array, *,
+                  mask: Array | None = None, bias: Array | None = None,
+                  cross_mask: Array | None = None) -> tuple[Array, dict]:
+    """One new token: x [B, 1, d], token_ids [B, 1] at position `index` -> (x, cache).
+
+    cache: 'k', 'v' (self-attention), 'cross_k', 'cross_v' (the encoder's keys and
+    values, computed once), and for an MoE layer that cannot route a token alone
+    (`routes_tokens_alone`) 'moe_x' [B, L, d] and 'moe_ids' [B, L]: the layer's inputs so
+    far, routed again as a whole sequence at every step (its output at `index` depends on
+    positions <= index only, since the layer is causal).
+    """
+    y, cache = self.attn.decode_step(self.norm1(x), cache, index, mask=mask, bias=bias)
+    x = x + y
+    if self.cross_attn is not None:
+      q = self.cross_attn.query_heads(self.norm_cross(x))
+      x = x + self.cross_attn.attend(q, cache['cross_k'], cache['cross_v'], mask=cross_mask)
+    if 'moe_x' not in cache:
+      x, _ = self._ffn(x, token_ids)
+      return x, cache
+    h = self.norm2(x)
+    buf = jax.lax.dynamic_update_slice_in_dim(cache['moe_x'], h.astype(cache['moe_x'].dtype), index, 1)
+    ids = cache['moe_ids']
+    if token_ids is not None:
+      ids = jax.lax.dynamic_update_slice_in_dim(ids, token_ids.astype(ids.dtype), index, 1)
+    y, _ = self.mlp(buf, token_ids=ids)
+    x = x + jax.lax.dynamic_slice_in_dim(y, index, 1, 1).astype(x.dtype)
+    if self.mlp_extra is not None:
+      x = x + self.mlp_extra(self.norm_extra(x))
+    return x, {**cache, 'moe_x': buf, 'moe_ids': ids}
+
+
+class Stack(nnx.Module):
+  """`depth` pre-norm blocks, a final norm and (optionally) one relative position bias
+  shared by all blocks, as a T5 encoder or decoder.
+
+  Args:
+    depth: number of blocks.
+    width, num_heads, mlp_dim, head_dim: block sizes.
+    name: 'encoder' / 'decoder': prefix of the aux keys ('decoder/block_03') and of the
+      MoE layers' context names.
+    causal: decoder self-attention (and causal MoE layers).
+    cross_attention: attend to an encoder's output.
+    moe: MoE layers at `moe.placement()` (every k-th, last n or explicit blocks).
+    moe_field: config path of `moe` for error messages ('config.model.decoder_moe').
+    moe_extra_mlp: a dense MLP sublayer after every MoE sublayer (ST-MoE).
+    tokens_per_group: the routing-group length MoE layers are told (default: the MoE
+      config's group_size, else None: one sequence, length unknown at build time).
+    activation, glu, use_bias: the dense MLPs (and the experts' defaults).
+    norm, norm_eps: 'rmsnorm' (T5) or 'layernorm'.
+    relative_bias: T5 relative position bias (bidirectional unless causal), with
+      `num_buckets` and `max_distance`.
+    kernel_init, dtype: as the blocks.
+  """
+
+  def __init__(self, depth: int, *, width: int, num_heads: int, mlp_dim: int, name: str,
+               causal: bool = False, cross_attention: bool = False, moe: MoeConfig | None = None,
+               moe_field: str = 'moe', moe_extra_mlp: bool = False, head_dim: int | None = None,
+               tokens_per_group: int | None = None, activation: str = 'gelu', glu: bool = True,
+               use_bias: bool = False, norm: str = 'rmsnorm', norm_eps: float = 1e-6,
+               relative_bias: bool = True, num_buckets: int = 32, max_distance: int = 128,
+               kernel_init=None, dtype=None, rngs: nnx.Rngs):
+    self.name, self.causal, self.cross_attention = name, causal, cross_attention
+    self.moe_blocks = moe_block_indices(depth, **moe.placement()) if moe else ()
+    self.rel_bias = (RelativePositionBias(num_heads, bidirectional=not causal,
+                                          num_buckets=num_buckets, max_distance=max_distance,
+                                          rngs=rngs) if relative_bias else nnx.data(None))
+    mlp_kw = dict(activation=activation, glu=glu, use_bias=use_bias, kernel_init=kernel_init,
+                  dtype=dtype, rngs=rngs)
+    blocks = []
+    for i in range(depth):
+      is_moe = i in self.moe_blocks
+      context = LayerContext(tokens_per_group=(moe.group_size if moe and moe.group_size
+                                               else tokens_per_group),
+                             causal=causal, name=self.aux_name(i))
+      mlp = make_mlp(width, mlp_dim, moe=moe if is_moe else None, context=context,
+                     field=moe_field, **mlp_kw)
+      extra = Mlp(width, mlp_dim, **mlp_kw) if is_moe and moe_extra_mlp else None
+      blocks.append(Block(width, num_heads, mlp, head_dim=head_dim, cross_attention=cross_attention,
+                          extra_mlp=extra, norm=norm, norm_eps=norm_eps, use_bias=use_bias,
+                          kernel_init=kernel_init, dtype=dtype, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.norm = make_norm(norm, width, eps=norm_eps, dtype=dtype, rngs=rngs)
+
+  def aux_name(self, i: int) -> str:
+    return f'{self.name}/block_{i:02d}'
+
+  def _bias(self, q_positions: Array, k_positions: Array) -> Array | None:
+    return None if self.rel_bias is None else self.rel_bias(q_positions, k_positions)
+
+  def __call__(self, x: Array, token_ids: Array | None = None, *,
+               segment_ids: Array | None = None, positions: Array | None = None,
+               encoded: Array | None = None,
+               encoded_segment_ids: Array | None = None) -> tuple[Array, dict]:
+    """x [B, L, d] -> (normed x [B, L, d], aux {'<name>/block_03': ...}).
+
+    Args:
+      token_ids: [B, L] int, handed to every MoE layer (hash routers).
+      segment_ids: [B, L] int packed-document ids (0 = padding); None: one document.
+      positions: [B, L] int positions for the relative bias (default 0..L-1; packed
+        rows give the same bias either way, since documents never attend to each other).
+      encoded, encoded_segment_ids: the encoder's output [B, Lk, d] and segment ids.
+    """
+    length = x.shape[1]
+    mask = and_masks(causal_mask(length) if self.causal else None,
+                     None if segment_ids is None else segment_mask(segment_ids, segment_ids))
+    pos = jnp.arange(length)[None] if positions is None else positions
+    bias = self._bias(pos, pos)
+    cross_mask = None
+    if encoded is not None and encoded_segment_ids is not None:
+      cross_mask = (padding_mask(encoded_segment_ids) if segment_ids is None
+                    else segment_mask(segment_ids, encoded_segment_ids))
+    aux = {}
+    for i, block in enumerate(self.blocks):
+      x, block_aux = block(x, token_ids, mask=mask, bias=bias, encoded=encoded,
+                           cross_mask=cross_mask)
+      if block_aux is not None:
+        aux[self.aux_name(i)] = block_aux
+    return self.norm(x), aux
+
+  def init_cache(self, batch_size: int, length: int, *, dtype=jnp.float32,
+                 encoded: Array | None = None,
+                 encoded_segment_ids: Array | None = None) -> dict:
+    """An empty decoding cache for sequences of up to `length` tokens.
+
+    With cross-attention the encoder's keys and values are computed here, once.
+    Returns a pytree: {'index': int32 0, 'cross_mask', 'layers': [per-block dicts]}.
+    """
+    layers = []
+    for block in self.blocks:
+      a = block.attn
+      kv = jnp.zeros((batch_size, length, a.num_heads, a.head_dim), dtype)
+      c = {'k': kv, 'v': kv}
+      if block.is_moe and not routes_tokens_alone(block.mlp):
+        c['moe_x'] = jnp.zeros((batch_size, length, block.mlp.d_model), dtype)
+        c['moe_ids'] = jnp.zeros((batch_size, length), jnp.int32)
+      if self.cross_attention:
+        c['cross_k'], c['cross_v'] = block.cross_attn.cross_kv(encoded)
+      layers.append(c)
+    cross_mask = (None if encoded_segment_ids is None or not self.cross_attention
+                  else padding_mask(encoded_segment_ids))
+    return {'index': jnp.zeros((), jnp.int32), 'cross_mask': cross_mask, 'layers': layers}
+
+  def decode_step(self, x: Array, token_ids: Array | None, cache: dict) -> tuple[Array, dict]:
+    """x [B, 1, d] (token_ids [B, 1]) at position cache['index'] -> (normed x, cache with
+    the index advanced by one)."""
+    index = cache['index']
+    length = cache['layers'][0]['k'].shape[1]
+    k_pos = jnp.arange(length)
+    mask = (k_pos <= index)[None, None, None, :]
+    bias = self._bias(index[None, None], k_pos[None])
+    layers = []
+    for block, c in zip(self.blocks, cache['layers']):
+      x, c = block.decode_step(x, token_ids, c, index, mask=mask, bias=bias,
+                               cross_mask=cache['cross_mask'])
+      layers.append(c)
+    return self.norm(x), {**cache, 'index': index + 1, 'layers': layers}
+
+
+def config_dict(obj: Any) -> dict:
+  """ConfigDict / Mapping / None -> a plain dict (models accept either from configs)."""
+  if obj is None:
+    return {}
+  return dict(obj.to_dict() if hasattr(obj, 'to_dict') else obj)
+
+
+__all__ = ['Block', 'DTYPES', 'Mlp', 'Stack', 'compute_dtype', 'config_dict', 'make_mlp',
+           'make_norm', 'moe_config', 'routes_tokens_alone']
