@@ -79,15 +79,18 @@ def moe_config(moe: Mapping[str, Any] | MoeConfig | None, *, field: str,
                defaults: Mapping[str, Any] | None = None) -> MoeConfig | None:
   """A model's MoE option (dict, ConfigDict, MoeConfig or None) -> a validated MoeConfig.
 
-  `defaults` fill the keys the dict leaves out (a model passes its own MLP's `glu`,
-  `activation`, `use_bias`, so experts match the dense MLPs unless configured otherwise).
+  `defaults` fill the keys the dict leaves out or sets to None (a model passes its own
+  MLP's `glu`, `activation`, `use_bias`, so experts match the dense MLPs unless
+  configured otherwise).
   None (or router 'dense') -> None. Raises ConfigError naming `field.<key>`.
   """
   if moe is None or isinstance(moe, MoeConfig):
     return moe
   d = dict(moe.to_dict() if hasattr(moe, 'to_dict') else moe)
   if d and d.get('router', 'dense') != 'dense':
-    d = {**dict(defaults or {}), **d}
+    defaults = dict(defaults or {})
+    # An unset value (a ConfigDict placeholder, None) means "the model's default".
+    d = {**defaults, **{k: v for k, v in d.items() if not (k in defaults and v is None)}}
   return MoeConfig.from_dict(d, field=field)
 
 
