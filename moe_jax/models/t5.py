@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.models.transformer import Stack, compute_dtype, moe_config
+from moe_jax.models.stack import Stack
+from moe_jax.models.transformer import compute_dtype, moe_config
 
 Array = jax.Array
 

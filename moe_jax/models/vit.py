@@ -30,7 +30,8 @@ from flax import nnx
 from moe_jax.layers import LayerContext
 from moe_jax.models.placement import moe_block_indices
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
-from moe_jax.models.transformer import DTYPES, Block, compute_dtype, config_dict, make_mlp, moe_config  # noqa: F401 (DTYPES re-exported)
+from moe_jax.models.transformer import (DTYPES, Block, compute_dtype, config_dict, make_mlp,
+                                        moe_config)
 
 Array = jax.Array
 
@@ -176,3 +177,6 @@ class ViT(nnx.Module):
     x = self.norm(x)
     pooled = x[:, 0] if self.pool == 'token' else jnp.mean(x, axis=1)
     return self.head(pooled).astype(jnp.float32), aux
+
+
+__all__ = ['DTYPES', 'MLP_OPTIONS', 'PAPER_MOE', 'PRESETS', 'ViT', 'extract_patches', 'sincos2d']
