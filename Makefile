@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv test demo bench data clean
+.PHONY: venv test demo bench data data-images data-text clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ DEMO_DIR ?= workdirs/demo
 DEMO_ARGS ?=
 
 # Fashion-MNIST: Debian's IDX files (apt when root), then a TFDS copy in the TFDS data dir.
-data: $(STAMP)
+# Text (debian_docs): Debian's Python and Linux reST docs (apt when root), then a TFDS copy,
+# SentencePiece vocabularies of TEXT_VOCABS ids and the tokenised splits beside it.
+# After a package update: make data TEXT_ARGS=--reprepare (see moe_jax/data/text_corpus.py).
+TEXT_PACKAGES := python3.11-doc linux-doc-6.1
+TEXT_MARKERS := /usr/share/doc/python3.11/html/_sources/contents.rst.txt /usr/share/doc/linux-doc-6.1/Documentation/index.rst.gz
+TEXT_VOCABS ?= 4096,8192
+TEXT_ARGS ?=
+
+data: data-images data-text
+
+data-images: $(STAMP)
 	@if [ -f $(FMNIST_IDX)/train-images-idx3-ubyte.gz ]; then \
 	  echo "Fashion-MNIST IDX files: $(FMNIST_IDX)"; \
 	elif [ "$$(id -u)" = 0 ]; then \
@@ -39,7 +49,20 @@ data: $(STAMP)
 	fi
 	$(PY) -m moe_jax.data.prepare --name=fashion_mnist
 
-demo: $(STAMP) data
+data-text: $(STAMP)
+	@if ls $(TEXT_MARKERS) >/dev/null 2>&1; then \
+	  echo "Debian documentation text: installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y $(TEXT_PACKAGES) || (apt-get update && apt-get install -y $(TEXT_PACKAGES)); \
+	else \
+	  echo "The text corpus is not installed. Install it with:"; \
+	  echo "    sudo apt-get install -y $(TEXT_PACKAGES)"; \
+	  echo "or, on a machine with network access, train on a TFDS text dataset"; \
+	  echo "(--config.data.name=lm1b, c4/en:3.1.0 or wiki40b/en)."; \
+	fi
+	$(PY) -m moe_jax.data.text_prepare --vocab_sizes=$(TEXT_VOCABS) $(TEXT_ARGS)
+
+demo: $(STAMP) data-images
 	$(PY) -m moe_jax.train.main --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) scripts/plot_curves.py $(DEMO_DIR)
 

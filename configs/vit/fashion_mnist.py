@@ -26,6 +26,7 @@ Result (soft_moe,tiny = `make demo`, 2 CPU cores, quiet machine): test accuracy 
 after 5000 steps, 578 s of training (635 s with compilation and evaluation).
 `experiments/vit_pareto.py --sweep=cpu` gives the other routers' results (README).
 """
+from moe_jax.configs import vit
 from moe_jax.layers import ROUTERS as _REGISTRY
 from moe_jax.train import config_lib
 
@@ -42,20 +43,20 @@ SMALL_E_KWARGS = {'deepseek': dict(k=2)}
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, router=('soft_moe', ROUTERS), size=('tiny', tuple(SIZES)))
   s = SIZES[a.size]
-  c = config_lib.vit_base_config()
+  c = vit.base_config()
   c.model.size = a.size
-  c.model.update(config_lib.PRESETS[a.size])
+  c.model.update(vit.PRESETS[a.size])
   c.model.patch_size = 7
   c.num_train_steps = s['steps']
   c.optimizer.learning_rate = s['lr']
   c.optimizer.warmup_steps = 200
   c.optimizer.weight_decay = 0.05
   c.log_every_steps = 50
-  c.optimizer.label_smoothing = 0.1
+  c.task.label_smoothing = 0.1
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 500
 
-  config_lib.set_router(c, a.router, **SMALL_E_KWARGS.get(a.router, {}))
+  config_lib.set_router(c.model.moe, a.router, **SMALL_E_KWARGS.get(a.router, {}))
   c.model.moe.last_n = c.model.depth // 2
   c.model.moe.num_experts = s['soft_experts'] if a.router == 'soft_moe' else s['sparse_experts']
   c.data.augment = 'flip'

@@ -22,7 +22,8 @@ JFT-4B, which is not public.
 Result: not run here (needs TPU/GPU time); the shipped tests check that every size and
 router builds (`jax.eval_shape`) with the paper's parameter counts.
 """
-from moe_jax.models.vit import PAPER_MOE, PRESETS
+from moe_jax.configs import vit
+from moe_jax.configs.vit import PAPER_MOE, PRESETS
 from moe_jax.train import config_lib
 
 SIZES = ('S/16', 'B/16', 'L/16', 'H/14')
@@ -31,7 +32,7 @@ ROUTERS = ('dense', 'tokens_choice', 'experts_choice', 'soft_moe')
 
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, router=('soft_moe', ROUTERS), size=('S/16', SIZES))
-  c = config_lib.vit_base_config()
+  c = vit.base_config()
   c.model.update(PRESETS[a.size])
   c.model.update(size=a.size, num_classes=1000, image_size=224, channels=3, pool='gap',
                  posemb='learn', dtype='bfloat16')
@@ -42,11 +43,12 @@ def get_config(arg: str | None = None):
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 1000
   c.optimizer.update(learning_rate=1e-3, warmup_steps=10_000, weight_decay=0.1,
-                     grad_clip_norm=1.0, label_smoothing=0.0)
+                     grad_clip_norm=1.0)
+  c.task.label_smoothing = 0.0
   c.data.update(name='imagenet2012', train_split='train[:99%]', eval_split='validation',
                 mode='stream', augment='inception_crop', shuffle_buffer=250_000, download=False)
 
-  config_lib.set_router(c, a.router)
+  config_lib.set_router(c.model.moe, a.router)
   c.model.moe.last_n = PAPER_MOE[a.size]['last_n']
   tokens = (224 // PRESETS[a.size]['patch_size']) ** 2
   if a.router == 'soft_moe':

@@ -130,6 +130,9 @@ class MoeConfig:
          'num_shared_experts', f'must be an int >= 0, got {self.num_shared_experts!r}.')
     need(self.layers is None or (self.every is None and self.last_n is None), 'layers',
          'give MoE placement either as `layers` or as `every`/`last_n`, not both.')
+    need(any(getattr(self, k) is not None for k in PLACEMENT_KEYS), 'last_n',
+         f'give a placement (every, last_n or layers) for the {self.router!r} MoE layers, '
+         "or set router='dense'.")
     try:
       ROUTERS[self.router].check_kwargs(dict(self.router_kwargs), num_experts=self.num_experts)
     except ConfigError as e:

@@ -26,6 +26,7 @@ from flax import nnx
 
 from moe_jax.layers.engines import get_engine
 from moe_jax.errors import ConfigError
+from moe_jax.layers import call_recorder
 from moe_jax.layers.experts import Experts
 from moe_jax.layers.moe_config import LayerContext, MoeConfig
 from moe_jax.layers.registry import ROUTERS, get_router_class
@@ -124,6 +125,7 @@ class MoeLayer(nnx.Module):
       raise ValueError(f'MoeLayer expects x of shape [B, S, {self.d_model}], got {x.shape}.')
     if self.router.needs_token_ids and token_ids is None:
       raise ValueError(f'router {self.router_name!r} needs token_ids: call layer(x, token_ids=ids).')
+    call_recorder.record(self, x.shape, token_ids is not None)
     mesh = expert_parallel.active_mesh()
     if mesh is not None:
       y, aux = expert_parallel.moe_layer_apply(self, x, token_ids, mesh)

@@ -85,7 +85,7 @@ class ViT(nnx.Module):
       of `layers.MoeConfig` fields (`router` a `layers.ROUTERS` key, `num_experts`,
       `router_kwargs`, `expert_hidden` (default mlp_dim), `engine`, `group_size` (tokens
       per routing group; default one image), `glu`, `activation`, ..., and the placement
-      `every` / `last_n` / `layers`; no placement = every block), or a MoeConfig.
+      `every` / `last_n` / `layers`, which is required), or a MoeConfig.
     token_ids: a key of `token_ids.TOKEN_ID_FNS` ('position', 'patch_content'), the
       function computing the ids handed to every MoE layer.
     token_ids_kwargs: extra keyword arguments of that function.

@@ -1,6 +1,6 @@
 """Model and optimizer from a config.
 
-    model = build_model(config, rngs=nnx.Rngs(config.seed))
+    model = build_model(config, rngs=nnx.Rngs(config.seed))   # MODELS[config.model.name]
     tx, schedule = build_optimizer(config)
 """
 from __future__ import annotations
@@ -10,39 +10,12 @@ import ml_collections
 import optax
 from flax import nnx
 
-from moe_jax.data.images import PIXEL_RANGE
-from moe_jax.models import ViT
+from moe_jax.train import config_lib
 
 
-def moe_kwargs(moe: ml_collections.ConfigDict) -> dict | None:
-  """config.model.moe -> the `moe` argument of `ViT` (None for router='dense')."""
-  if moe.router == 'dense':
-    return None
-  out = dict(router=moe.router, router_kwargs=moe.router_kwargs.to_dict(),
-             num_experts=moe.num_experts, expert_hidden=moe.expert_hidden, engine=moe.engine,
-             group_size=moe.group_size, glu=moe.glu, activation=moe.activation)
-  placement = {k: moe[k] for k in ('every', 'last_n', 'layers') if moe[k] is not None}
-  if not placement:
-    raise ValueError('config.model.moe: give a placement (every, last_n or layers) for the '
-                     f'{moe.router!r} MoE layers, or set router=dense.')
-  out.update(placement)
-  return out
-
-
-def token_ids_kwargs(model: ml_collections.ConfigDict) -> dict:
-  """config.model -> the ViT's `token_ids_kwargs` (patch-content ids read the pixels)."""
-  if model.token_ids == 'patch_content':
-    return dict(model.patch_content.to_dict(), value_range=PIXEL_RANGE)
-  return {}
-
-
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> ViT:
-  m = config.model
-  return ViT(num_classes=m.num_classes, image_size=m.image_size, channels=m.channels,
-             patch_size=m.patch_size, width=m.width, depth=m.depth, mlp_dim=m.mlp_dim,
-             num_heads=m.num_heads, pool=m.pool, posemb=m.posemb, moe=moe_kwargs(m.moe),
-             token_ids=m.token_ids, token_ids_kwargs=token_ids_kwargs(m), dtype=m.dtype,
-             rngs=rngs)
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The model `config.model` names, built from its other fields (see `config_lib.build_model`)."""
+  return config_lib.build_model(config.model, rngs=rngs)
 
 
 def build_optimizer(config: ml_collections.ConfigDict):

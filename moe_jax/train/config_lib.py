@@ -1,8 +1,12 @@
-"""Defaults shared by the ViT config files, argument parsing and config validation.
+"""Config plumbing shared by every config file, the trainer and the experiment runner.
 
-Config files (`configs/vit/*.py`) start from `vit_base_config()` and change what their
-experiment needs. Every field a user may want to override on the command line
-(`--config.model.moe.last_n=3`) exists here, typed, so `config_flags` can check it.
+    c = config_lib.base_config()          # trainer fields (model, task, data: the family's base)
+    config_lib.set_router(c.model.moe, 'tokens_choice', k=2)
+    config_lib.validate(c)                # ConfigError naming the field, before any work
+
+Family bases (`moe_jax.configs.vit.base_config`, `moe_jax.configs.t5...`) add `task`,
+`model` and `data`; `config.model.name` and `config.task.name` are keys of
+`moe_jax.models.MODELS` and `moe_jax.tasks.TASKS`.
 """
 from __future__ import annotations
 
@@ -12,9 +16,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from moe_jax.layers import ENGINES, ROUTERS
-from moe_jax.models.token_ids import TOKEN_ID_FNS
-from moe_jax.models.vit import DTYPES, PRESETS  # noqa: F401 (PRESETS re-exported)
+from moe_jax.errors import ConfigError
+from moe_jax.layers import ROUTERS
 
 # Router defaults for the CPU configs: the papers' settings at the capacity of the
 # Soft MoE paper's comparison (C = 1 slot per token and choice).
@@ -69,8 +72,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def vit_base_config() -> ml_collections.ConfigDict:
-  """All fields the ViT trainer reads, with CPU-friendly defaults."""
+def base_config() -> ml_collections.ConfigDict:
+  """The trainer's own fields, with CPU-friendly defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_train_steps = 1000
@@ -81,77 +84,106 @@ def vit_base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.count_flops = True
+  # A non-finite loss or gradient norm: 'stop' the run (exit status 3; the last
+  # checkpoint is the last good state) or 'skip' the update and count it, stopping after
+  # max_skipped_steps skips (see train/divergence.py).
+  c.on_nonfinite = 'stop'
+  c.max_skipped_steps = 100
 
+  # AdamW with linear warmup and cosine decay (see builders.build_optimizer).
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=100, end_lr_fraction=0.0, weight_decay=1e-4,
-      b1=0.9, b2=0.999, grad_clip_norm=1.0, label_smoothing=0.0))
-
-  c.model = ml_collections.ConfigDict(dict(
-      size='tiny', num_classes=10, image_size=28, channels=1, pool='gap', posemb='learn',
-      dtype='float32', token_ids='position', **PRESETS['tiny']))
-  # Options of token_ids='patch_content' (models.token_ids.patch_content_ids; the pixel
-  # range comes from the data pipeline). Hash routers read these ids.
-  c.model.patch_content = ml_collections.ConfigDict(dict(levels=4, bits=4, flat_std=0.02, seed=0))
-  c.model.moe = ml_collections.ConfigDict(dict(
-      router='soft_moe', router_kwargs=dict(ROUTER_KWARGS['soft_moe']), num_experts=16,
-      expert_hidden=config_dict.placeholder(int), engine='gather',
-      group_size=config_dict.placeholder(int), every=config_dict.placeholder(int),
-      last_n=config_dict.placeholder(int), layers=config_dict.placeholder(tuple),
-      glu=False, activation='gelu'))
-
-  c.data = ml_collections.ConfigDict(dict(
-      name='fashion_mnist', train_split='train', eval_split='test',
-      data_dir=config_dict.placeholder(str), idx_dir=config_dict.placeholder(str),
-      download=True, mode='memory', augment='none', shuffle_buffer=10_000))
+      b1=0.9, b2=0.999, grad_clip_norm=1.0))
 
   # Sparse upcycling (moe_jax.train.upcycle): a fresh run starts from this dense run's
-  # latest checkpoint, every expert a copy of the dense MLP.
-  c.init_from = ml_collections.ConfigDict(dict(
-      dense_workdir=config_dict.placeholder(str), mode='upcycle'))
+  # latest checkpoint, every expert a copy of the dense MLP at the same place.
+  c.init_from = ml_collections.ConfigDict(dict(dense_workdir=config_dict.placeholder(str)))
 
   # Device mesh (see moe_jax.parallel.mesh): all 1 = one device, no mesh. E.g.
   # --config.mesh.data=2 --config.mesh.expert=4 trains on 8 devices, experts split over
   # `expert`, the batch over (data, expert); -1 fills an axis with the remaining devices.
-  # axis_types 'auto': the compiler propagates shardings through the model (the ViT has
-  # no sharding annotations; 'explicit' would need them on every reshape).
+  # axis_types 'auto': the compiler propagates shardings through the model (the models
+  # have no sharding annotations; 'explicit' would need them on every reshape).
   c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, model=1, axis_types='auto'))
   return c
 
 
-def set_router(c: ml_collections.ConfigDict, router: str, **router_kwargs) -> None:
-  """Sets config.model.moe.router and its default kwargs (plus overrides)."""
+def set_router(moe: ml_collections.ConfigDict, router: str, **router_kwargs) -> None:
+  """Sets an MoE block's router and its default kwargs (plus overrides)."""
   if router != 'dense' and router not in ROUTERS:
-    raise ValueError(f'router {router!r} is not dense or a key of layers.ROUTERS {sorted(ROUTERS)}.')
-  c.model.moe.router = router
+    raise ConfigError(f"{router!r} is not 'dense' or a key of layers.ROUTERS {sorted(ROUTERS)}.",
+                      field='router')
+  moe.router = router
   kw = dict(ROUTER_KWARGS.get(router, {}))
   kw.update(router_kwargs)
-  c.model.moe.router_kwargs = ml_collections.ConfigDict(kw)
+  moe.router_kwargs = ml_collections.ConfigDict(kw)
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field and the allowed values for a bad config."""
+def validate_trainer_fields(c: ml_collections.ConfigDict) -> None:
+  """The trainer's own fields (steps, batch sizes, optimizer, mesh)."""
   def need(ok, field, msg):
     if not ok:
-      raise ValueError(f'config.{field}: {msg}')
-  m, moe = c.model, c.model.moe
-  need(moe.router == 'dense' or moe.router in ROUTERS, 'model.moe.router',
-       f"{moe.router!r} is not 'dense' or one of {sorted(ROUTERS)}.")
-  need(moe.engine in ENGINES, 'model.moe.engine', f'{moe.engine!r} is not one of {sorted(ENGINES)}.')
-  need(m.pool in ('gap', 'token'), 'model.pool', f"{m.pool!r} is not 'gap' or 'token'.")
-  need(m.dtype in DTYPES, 'model.dtype', f'{m.dtype!r} is not one of {sorted(DTYPES)}.')
-  need(m.token_ids in TOKEN_ID_FNS, 'model.token_ids', f'{m.token_ids!r} not in {sorted(TOKEN_ID_FNS)}.')
-  need(moe.router == 'dense' or moe.num_experts >= 1, 'model.moe.num_experts', 'must be >= 1.')
+      raise ConfigError(msg, field=f'config.{field}')
   for f in ('num_train_steps', 'batch_size', 'eval_batch_size', 'log_every_steps',
             'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    need(c[f] >= 1, f, f'must be >= 1, got {c[f]}.')
+    need(isinstance(c[f], int) and c[f] >= 1, f, f'must be an int >= 1, got {c[f]!r}.')
+  need(isinstance(c.seed, int) and 0 <= c.seed < 2 ** 31, 'seed',
+       f'must be an int in [0, 2**31), got {c.seed!r}.')
+  need(c.get('on_nonfinite', 'stop') in ('stop', 'skip'), 'on_nonfinite',
+       f"must be 'stop' or 'skip', got {c.get('on_nonfinite')!r}.")
+  need(c.get('max_skipped_steps', 0) >= 0, 'max_skipped_steps', 'must be >= 0.')
   need(c.optimizer.learning_rate > 0, 'optimizer.learning_rate', 'must be > 0.')
   need(0 <= c.optimizer.warmup_steps < c.num_train_steps, 'optimizer.warmup_steps',
        f'must be in [0, num_train_steps={c.num_train_steps}), got {c.optimizer.warmup_steps}; '
        'lower --config.optimizer.warmup_steps.')
-  need(m.image_size % m.patch_size == 0, 'model.patch_size',
-       f'{m.patch_size} does not divide image_size {m.image_size}.')
-  need(m.width % m.num_heads == 0, 'model.num_heads', f'{m.num_heads} does not divide width {m.width}.')
   for axis in ('data', 'expert', 'model'):
     size = c.mesh.get(axis, 1)
     need(size == -1 or size >= 1, f'mesh.{axis}', f'must be >= 1 or -1 (all remaining devices), '
          f'got {size}.')
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the field for a bad config, before any data or compute.
+
+  Checks the trainer's fields, the task's (`Task.validate_config`) and the model's: the
+  model is built abstractly (`nnx.eval_shape`: shapes only), so every constructor check
+  (router kwargs against the router, MoE placement, sizes that must divide) runs here.
+  """
+  from moe_jax import models, tasks   # registries; imported late (they import TF / data)
+  validate_trainer_fields(c)
+  task_name = c.task.get('name') if 'task' in c else None
+  if task_name not in tasks.TASKS:
+    raise ConfigError(f'{task_name!r} is not one of {sorted(tasks.TASKS)}.', field='config.task.name')
+  tasks.TASKS[task_name].validate_config(c)
+  build_abstract_model(c.model)
+
+
+def model_class(model: ml_collections.ConfigDict):
+  from moe_jax import models
+  name = model.get('name')
+  if name not in models.MODELS:
+    raise ConfigError(f'{name!r} is not one of {sorted(models.MODELS)}.', field='config.model.name')
+  return models.MODELS[name]
+
+
+def model_kwargs(model: ml_collections.ConfigDict) -> dict:
+  """config.model without its name: the model class's constructor keywords."""
+  return {k: v for k, v in model.to_dict().items() if k != 'name'}
+
+
+def build_model(model: ml_collections.ConfigDict, *, rngs):
+  """`MODELS[config.model.name](**other fields, rngs=rngs)`; a bad field -> ConfigError."""
+  cls = model_class(model)
+  try:
+    return cls(**model_kwargs(model), rngs=rngs)
+  except ConfigError as e:
+    raise (e if (e.field or '').startswith('config.') else e.under('config.model')) from None
+  except (ValueError, TypeError, ArithmeticError) as e:
+    raise ConfigError(f'{type(e).__name__}: {e}' if isinstance(e, ArithmeticError) else str(e),
+                      field='config.model') from None
+
+
+def build_abstract_model(model: ml_collections.ConfigDict):
+  """The model with ShapeDtypeStruct leaves (no memory, no compute): validates its config."""
+  from flax import nnx
+  return nnx.eval_shape(lambda: build_model(model, rngs=nnx.Rngs(0)))

@@ -23,14 +23,13 @@ choice, c for expert choice, E·P/S for Soft MoE; k for dropless engines).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.layers import MoeLayer
+from moe_jax.layers import MoeLayer, recording_moe_calls
 
 DROPLESS_ENGINES = ('dropless',)
 
@@ -69,9 +68,42 @@ class MoeLayerCost:
     return self.num_experts * self.capacity / self.tokens_per_group
 
 
-def moe_layers(model: nnx.Module) -> dict[str, MoeLayer]:
-  """{'block_07': layer} for every MoE layer of a ViT-style model with `.blocks`."""
-  return {f'block_{i:02d}': b.mlp for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoeLayer)}
+def _moe_paths(model: nnx.Module) -> dict[int, str]:
+  return {id(m): '/'.join(str(p) for p in path) for path, m in nnx.iter_graph(model)
+          if isinstance(m, MoeLayer)}
+
+
+def moe_calls(model: nnx.Module, inputs: dict) -> dict[str, tuple[MoeLayer, int, int]]:
+  """{layer name: (layer, B, S)} for every MoE layer call of `model(**inputs)`.
+
+  Runs the model abstractly (`jax.eval_shape`: shapes only) while
+  `layers.recording_moe_calls` records each MoE layer's input shape, so it works for any
+  model and stack (an encoder and a decoder see different sequence lengths). Names are
+  the layers' `context.name` (what the model reports in aux), else their module path.
+
+  Args:
+    model: any model; inputs: its keyword inputs (arrays or ShapeDtypeStructs).
+  """
+  traced_paths = {}
+
+  def forward(m, kw):
+    traced_paths.update(_moe_paths(m))     # the trace works on a copy of the model
+    return m(**kw)
+
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), inputs)
+  with recording_moe_calls() as calls:
+    jax.eval_shape(forward, model, abstract)
+  by_path = {'/'.join(str(p) for p in path): m for path, m in nnx.iter_graph(model)
+             if isinstance(m, MoeLayer)}
+  out = {}
+  for call in calls:
+    path = traced_paths[id(call.layer)]
+    layer = by_path[path]
+    name = layer.context.name or path
+    while name in out:     # a layer called twice (shared weights) counts twice
+      name += "'"
+    out[name] = (layer, call.x_shape[0], call.x_shape[1])
+  return out
 
 
 def _grouped_shapes(layer: MoeLayer, batch: int, seq: int):
@@ -114,22 +146,18 @@ def moe_layer_xla_train_flops(layer: MoeLayer, batch: int, seq: int) -> float:
   return xla_flops(jax.grad(f, argnums=(0, 1)), params, x)
 
 
-def train_step_flops(step_xla_flops: float, model: nnx.Module, batch: int, *,
-                     devices: int = 1) -> dict:
-  """FLOPs of one training step on `batch` examples (see the module docstring).
+def train_step_flops(step_xla_flops: float, calls: dict, *, devices: int = 1) -> dict:
+  """FLOPs of one training step (see the module docstring).
 
   Args:
     step_xla_flops: XLA's count for the compiled train step (fwd + bwd + update).
-    model: the ViT (its MoE layers are found through `moe_layers`).
-    batch: examples per step (global batch under a mesh).
+    calls: `moe_calls(model, inputs)` of the step's (global) batch.
     devices: under a mesh (`jax.set_mesh`), its size: XLA then counts one device's share
       of the SPMD program, so its counts are multiplied by `devices` (this also counts the
       replicated optimizer update `devices` times, a small excess).
   """
-  seq = model.num_tokens
-  layers = {n: moe_layer_cost(l, batch, seq) for n, l in moe_layers(model).items()}
-  moe_xla = devices * sum(moe_layer_xla_train_flops(l, batch, seq)
-                          for l in moe_layers(model).values())
+  layers = {n: moe_layer_cost(l, b, s) for n, (l, b, s) in calls.items()}
+  moe_xla = devices * sum(moe_layer_xla_train_flops(l, b, s) for l, b, s in calls.values())
   moe_formula = 3.0 * sum(c.forward for c in layers.values())
   step_xla_flops = devices * step_xla_flops
   return dict(train_step=step_xla_flops - moe_xla + moe_formula, xla_train_step=step_xla_flops,
@@ -137,17 +165,21 @@ def train_step_flops(step_xla_flops: float, model: nnx.Module, batch: int, *,
               layers={n: dict(dataclasses.asdict(c), forward=c.forward) for n, c in layers.items()})
 
 
-def param_counts(model: nnx.Module) -> dict:
-  """{'total', 'active', 'experts'}: parameter counts (see the module docstring)."""
+def param_counts(model: nnx.Module, calls: dict) -> dict:
+  """{'total', 'active', 'experts'}: parameter counts (see the module docstring).
+
+  `calls`: `moe_calls(model, inputs)`, which gives each MoE layer's tokens per group.
+  """
   size = lambda tree: int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
   total = size(nnx.state(model, nnx.Param))
   expert_total, active_experts = 0, 0.0
-  for layer in moe_layers(model).values():
+  seen = set()
+  for layer, b, s in calls.values():
+    if id(layer) in seen:
+      continue
+    seen.add(id(layer))
     n = size(nnx.state(layer.experts, nnx.Param))
-    # Smallest batch whose tokens split into whole routing groups.
-    batch = 1 if layer.group_size is None else layer.group_size // math.gcd(layer.group_size,
-                                                                            model.num_tokens)
-    cost = moe_layer_cost(layer, batch, model.num_tokens, xla_router=False)
+    cost = moe_layer_cost(layer, b, s, xla_router=False)
     expert_total += n
     active_experts += n / layer.num_experts * min(layer.num_experts, cost.slots_per_token)
   return dict(total=total, experts=expert_total, active=int(round(total - expert_total + active_experts)))

@@ -1,17 +1,16 @@
-"""The loss, the jitted train step and the eval step.
+"""The jitted train step and eval step, for any task and model.
 
-    train_step = make_train_step(model, optimizer, schedule, label_smoothing=0.)
+    train_step = make_train_step(model, optimizer, schedule, task)
     state = nnx.state((model, optimizer))
-    state, metrics = train_step(state, batch)     # batch: image [B, H, W, C], label [B]
+    state, metrics = train_step(state, batch)
 
-The step differentiates only `nnx.Param`. Any other `nnx.Variable` a layer changes in
-its forward pass (RNG counters, a router bias updated from the batch load, moving
-averages) is carried out of the step like BatchNorm statistics.
-
-Score-function routers (`reinforce`) report `reinforce_log_prob` [G, S] in their metrics;
-the loss adds their REINFORCE surrogate with reward = -(the example's task loss),
-broadcast to its tokens, and the step then moves each router's moving-average baseline
-(`update_reinforce_baselines`), non-Param state like DeepSeek's bias.
+The loss is the task's loss plus every MoE layer's auxiliary losses plus the
+score-function surrogates of REINFORCE-style routers (`layers.score_function_loss`,
+rewards = -(each example's task loss)). The step differentiates only `nnx.Param`. Any
+other `nnx.Variable` a layer changes in its forward pass (RNG counters, moving
+averages) is carried out of the step like BatchNorm statistics; after the optimizer
+update `layers.after_step` lets every router update its non-gradient state (REINFORCE
+baseline, DeepSeek bias).
 """
 from __future__ import annotations
 
@@ -22,60 +21,36 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax.layers.routers_reinforce import update_reinforce_baselines
-from moe_jax.routing import reinforce as reinforce_lib
+from moe_jax import layers
 
 Array = jax.Array
 
 
-def loss_terms(logits: Array, labels: Array, aux: dict, *,
-               label_smoothing: float = 0.0) -> tuple[Array, dict]:
-  """Total loss = mean task loss + every MoE layer's auxiliary losses + REINFORCE surrogates.
+def aux_loss_terms(aux: dict) -> dict[str, Array]:
+  """{'<layer>/<loss name>': weighted scalar} over every MoE layer's aux losses."""
+  return {f'{layer}/{name}': v for layer, a in aux.items() for name, v in a['losses'].items()}
+
+
+def loss_terms(task_loss: Array, per_example: Array, aux: dict) -> tuple[Array, dict]:
+  """Total loss = task loss + every MoE layer's auxiliary losses + REINFORCE surrogates.
 
   Args:
-    logits: [B, classes] float32.
-    labels: [B] int.
+    task_loss: scalar, the task's training loss.
+    per_example: [B] each example's task loss (rewards are its negation, stop-gradient).
     aux: {layer name: {'losses': {name: scalar}, 'metrics': {...}}} from the model.
-    label_smoothing: ε of label smoothing (0: plain cross-entropy).
 
   Returns:
-    (total, terms) with terms['per_example_loss'] [B] (the task loss of each example),
-    'rewards' [B] (its negation, stop-gradient), 'task_loss', 'aux_loss', 'aux_losses'
-    {'layer/name': scalar} and 'reinforce_loss' (sum of the surrogates; 0 without
+    (total, terms) with terms 'task_loss', 'aux_loss' (sum), 'aux_losses'
+    {'layer/name': scalar}, 'rewards' [B] and 'reinforce_loss' (0 without
     score-function routers).
   """
-  num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  per_example = optax.softmax_cross_entropy(logits, targets)
-  task = jnp.mean(per_example)
-  aux_losses = {f'{layer}/{name}': v for layer, a in aux.items() for name, v in a['losses'].items()}
+  aux_losses = aux_loss_terms(aux)
   aux_total = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
   rewards = -jax.lax.stop_gradient(per_example)
-  surrogate = reinforce_loss(aux, rewards)
-  return task + aux_total + surrogate, dict(
-      per_example_loss=per_example, rewards=rewards, task_loss=task, aux_loss=aux_total,
-      aux_losses=aux_losses, reinforce_loss=surrogate)
-
-
-def reinforce_loss(aux: dict, rewards: Array) -> Array:
-  """Σ over score-function MoE layers of `routing.reinforce_surrogate`.
-
-  Args:
-    aux: the model's {layer: {'losses', 'metrics'}}; a layer takes part when its metrics
-      hold `reinforce_log_prob` [G, S'] (G·S' = B·S tokens in example order) and
-      `reinforce_baseline` (scalar).
-    rewards: [B] per-example rewards (stop-gradient), broadcast to the example's tokens.
-  Returns:
-    Scalar (0 when no layer takes part).
-  """
-  total = jnp.zeros((), jnp.float32)
-  for a in aux.values():
-    m = a['metrics']
-    if reinforce_lib.LOG_PROB_KEY in m:
-      log_prob = m[reinforce_lib.LOG_PROB_KEY].reshape(rewards.shape[0], -1)   # [B, S]
-      total = total + reinforce_lib.reinforce_surrogate(log_prob, rewards,
-                                                        m[reinforce_lib.BASELINE_KEY])
-  return total
+  surrogate = layers.score_function_loss(aux, rewards)
+  return task_loss + aux_total + surrogate, dict(
+      task_loss=task_loss, aux_loss=aux_total, aux_losses=aux_losses, rewards=rewards,
+      reinforce_loss=surrogate)
 
 
 def routing_scalars(aux: dict) -> dict[str, Array]:
@@ -101,59 +76,66 @@ def routing_scalars(aux: dict) -> dict[str, Array]:
   return out
 
 
-def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Callable, *,
-                    label_smoothing: float = 0.0, donate: bool = True):
+def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Callable, task, *,
+                    donate: bool = True, skip_nonfinite: bool = False):
   """Returns jitted `(state, batch) -> (state, metrics)` for state = nnx.state((model, optimizer)).
 
-  `model` is put in training mode; the graph structure is captured once here.
+  `model` is put in training mode; the graph structure is captured once here. The
+  metrics hold `nonfinite` (1.0 when the loss or the gradient norm is not finite);
+  `skip_nonfinite=True` then returns the input state unchanged (no update, no router
+  state change), so one bad batch does not poison the weights.
   """
   model.train()
   graphdef = nnx.graphdef((model, optimizer))
 
   def train_step(state, batch):
+    old_state = state
     model, optimizer = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params):
       m = nnx.merge(model_def, params, rest, copy=True)   # fresh Variables inside the grad trace
-      logits, aux = m(batch['image'])
-      total, terms = loss_terms(logits, batch['label'], aux, label_smoothing=label_smoothing)
+      logits, aux = m(**task.model_inputs(batch))
+      task_loss, per_example, task_metrics = task.loss(logits, batch)
+      total, terms = loss_terms(task_loss, per_example, aux)
+      terms['task_metrics'] = task_metrics
       # Non-Param variables mutated in the forward pass leave the step through `aux`.
-      return total, (terms, logits, aux, nnx.state(m, nnx.Not(nnx.Param)))
+      return total, (terms, aux, nnx.state(m, nnx.Not(nnx.Param)))
 
-    (loss, (terms, logits, aux, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (terms, aux, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     nnx.update(model, new_rest)
     lr = schedule(optimizer.step[...])
     optimizer.update(model, grads)
-    # After the surrogate used the old baseline (no-op without reinforce routers).
-    update_reinforce_baselines(model, terms['rewards'])
+    layers.after_step(model, terms['rewards'])   # after the surrogate used the old state
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = dict(loss=loss, task_loss=terms['task_loss'], aux_loss=terms['aux_loss'],
-                   reinforce_loss=terms['reinforce_loss'],
-                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-                   grad_norm=optax.tree.norm(grads), learning_rate=lr)
+                   reinforce_loss=terms['reinforce_loss'], grad_norm=grad_norm,
+                   learning_rate=lr, nonfinite=1.0 - finite.astype(jnp.float32),
+                   **terms['task_metrics'])
     metrics.update(routing_scalars(aux))
-    return nnx.state((model, optimizer)), metrics
+    new_state = nnx.state((model, optimizer))
+    if skip_nonfinite:
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+    return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model: nnx.Module):
-  """Returns jitted `(model_state, batch) -> sums` (loss_sum, correct, count) in eval mode.
+def make_eval_step(model: nnx.Module, task):
+  """Returns jitted `(model_state, batch) -> sums` in eval mode (calls `model.eval()`).
 
-  batch['mask'] [B] marks real examples (0 on padding). Calls `model.eval()`.
+  The task's sums plus each routing scalar times the batch's 'weight', so that their
+  sum over batches divided by the total weight is the weighted mean.
   """
   model.eval()
   graphdef = nnx.graphdef(model)
 
   def eval_step(model_state, batch):
     m = nnx.merge(graphdef, model_state)
-    logits, aux = m(batch['image'])
-    mask = batch['mask']
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    out = dict(loss_sum=jnp.sum(per_example * mask), correct=jnp.sum(correct * mask),
-               count=jnp.sum(mask))
-    out.update({k: v * jnp.sum(mask) for k, v in routing_scalars(aux).items()})
+    logits, aux = m(**task.model_inputs(batch))
+    out = task.eval_sums(logits, batch)
+    out.update({k: v * out['weight'] for k, v in routing_scalars(aux).items()})
     return out
 
   return jax.jit(eval_step)

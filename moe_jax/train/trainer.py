@@ -1,14 +1,21 @@
-"""`train_and_evaluate(config, workdir)`: the ViT training loop.
+"""`train_and_evaluate(config, workdir)`: the training loop, for any task and model.
 
-    data -> model + AdamW -> restore the latest checkpoint (if any) -> compile the step
-    (XLA cost analysis + MoE formula -> FLOPs) -> loop: step, log, evaluate, checkpoint
-    -> final evaluation -> <workdir>/results.json
+    validate the config (nothing is created before it passes) -> the task
+    (TASKS[config.task.name]) prepares its data -> the model (MODELS[config.model.name])
+    + AdamW, checked abstractly on a real batch -> restore the newest intact checkpoint
+    (if any; its config compared with this one) -> compile the step (XLA cost analysis +
+    MoE formula -> FLOPs) -> loop: step, log, evaluate, check for non-finite steps,
+    checkpoint -> final evaluation -> <workdir>/results.json
 
-A run resumes from its workdir's latest checkpoint with the data position restored
-(batches are a function of (seed, step)), so an interrupted run continues exactly as
-the uninterrupted one would. SIGTERM / Ctrl-C save a checkpoint and stop cleanly.
+A run resumes from its workdir's newest intact checkpoint with the data position
+restored (batches are a function of (seed, step)), so an interrupted run continues
+exactly as the uninterrupted one would. SIGTERM / Ctrl-C save a checkpoint and stop
+cleanly (`Stopped` result). A damaged checkpoint costs only the steps since the previous
+one (`checkpoint.restore_latest`); a non-finite loss stops the run before it is
+checkpointed (`divergence.py`); a resumed run refuses a changed config unless allowed
+(`resume.py`).
 
-`config.mesh` (see `sharded.py`) trains on a device mesh: the state is placed with
+`config.mesh` (see `device_mesh.py`) trains on a device mesh: the state is placed with
 experts over `expert`, each batch split over (`data`, `expert`), the steps traced under
 `jax.set_mesh`; a checkpoint restores onto whatever mesh the resuming run uses.
 """
@@ -28,8 +35,10 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import nnx
 
-from moe_jax.data.images import ImageData
-from moe_jax.train import checkpoint, config_lib, flops, sharded, steps, upcycle, writers
+from moe_jax import tasks
+from moe_jax.errors import ConfigError
+from moe_jax.train import (checkpoint, config_lib, device_mesh, divergence, flops, resume, steps,
+                           upcycle, writers)
 from moe_jax.train.builders import build_model, build_optimizer
 
 RESULTS = 'results.json'
@@ -39,7 +48,7 @@ class _StopFlag:
   """Set by SIGTERM / SIGINT; the loop checkpoints and returns at the next step boundary."""
 
   def __init__(self):
-    self.stop, self._old = False, {}
+    self.stop, self.signal, self._old = False, None, {}
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -53,103 +62,175 @@ class _StopFlag:
     if self.stop:                       # second signal: give up at once
       raise KeyboardInterrupt
     logging.warning('Signal %d: checkpointing and stopping after this step.', signum)
-    self.stop = True
+    self.stop, self.signal = True, signum
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
 
-def restore_or_init(mngr, state, config=None) -> tuple:
-  """(state, meta) from the latest checkpoint, or (state, None) for a fresh run.
+def restore_or_init(mngr, state, config, workdir: str, *, strict: bool = False,
+                    allow_config_change: bool = False) -> tuple:
+  """(state, meta) from the newest intact checkpoint, or (state, None) for a fresh run.
 
-  The one place a run's initial state comes from. A fresh run with
-  `config.init_from.dense_workdir` set starts from that dense run's upcycled weights.
+  The one place a run's initial state comes from. The checkpoint's config is compared
+  with `config` first (`resume.py`). A fresh run with `config.init_from.dense_workdir`
+  set starts from that dense run's upcycled weights.
   """
-  restored = checkpoint.restore_latest(mngr, state)
+  new_config = _config_json(config)
+  seen = {}
+
+  def check_meta(step, meta):
+    old = meta.get('config')
+    seen['changes'] = {} if old is None else resume.config_changes(old, new_config)
+    resume.check_changes(workdir, step, seen['changes'], allow=True)   # seed only, here
+
+  try:
+    restored = checkpoint.restore_latest(mngr, state, strict=strict, check_meta=check_meta)
+  except checkpoint.ShapeMismatch as e:
+    raise resume.shape_change_error(workdir, e.step, seen.get('changes', {}), e.mismatches) from None
   if restored is not None:
-    return restored
-  init = config.get('init_from') if config is not None else None
-  if init is not None and init.get('dense_workdir'):
-    logging.info('Upcycling the dense checkpoint of %s.', init.dense_workdir)
+    changes = seen.get('changes', {})
+    resume.check_changes(workdir, restored.step, changes, allow=allow_config_change)
+    meta = restored.meta
+    if restored.damaged:
+      meta.setdefault('damaged_checkpoints', []).extend(
+          {'step': s, 'reason': r, 'fell_back_to': restored.step} for s, r in restored.damaged)
+    if changes:
+      logging.warning('Continuing %s from step %d with a changed config: %s', workdir,
+                      restored.step, resume.describe(changes))
+      meta.setdefault('config_changes', []).append(
+          {'step': restored.step, 'changes': {k: list(v) for k, v in changes.items()}})
+    return restored.state, meta
+  if config.init_from.get('dense_workdir'):
+    logging.info('Upcycling the dense checkpoint of %s.', config.init_from.dense_workdir)
     state = upcycle.upcycle_train_state(config, state)
   return state, None
 
 
-def evaluate(eval_step, model_state, data: ImageData, mesh=None) -> dict[str, float]:
-  """Accuracy and loss over the whole eval split (+ routing metrics in eval mode)."""
+def evaluate(eval_step, model_state, task, mesh=None) -> dict[str, float]:
+  """The task's metrics over its whole eval set (+ routing metrics in eval mode)."""
   sums = None
-  for batch in data.eval_batches():
-    out = eval_step(model_state, sharded.put_batch(mesh, batch))
+  for batch in task.eval_batches():
+    out = eval_step(model_state, device_mesh.put_batch(mesh, batch))
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   sums = jax.device_get(sums)
-  n = float(sums.pop('count'))
-  res = {'eval/accuracy': float(sums.pop('correct')) / n, 'eval/loss': float(sums.pop('loss_sum')) / n}
-  res.update({f'eval/{k}': float(v) / n for k, v in sums.items()})
+  res = task.eval_metrics(sums)
+  n = float(sums['weight'])
+  res.update({f'eval/{k}': float(v) / n for k, v in sums.items() if k.startswith('routing/')})
   return res
 
 
-def _mean_metrics(window: list) -> dict[str, float]:
-  host = jax.device_get(window)
-  return {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+def _mean_metrics(window: list, seconds: float) -> dict[str, float]:
+  """Means over the window; 'count/x' metrics become 'throughput/x_per_s' (sums / seconds)."""
+  host = [m for _, m in window]
+  out = {}
+  for k in host[0]:
+    if k.startswith('count/'):
+      out[f'throughput/{k[6:]}_per_s'] = float(np.sum([m[k] for m in host])) / max(seconds, 1e-9)
+    else:
+      out[f'train/{k}'] = float(np.mean([m[k] for m in host]))
+  return out
 
 
 def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def check_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` exists and is writable or can be created (creates nothing)."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f'{workdir} exists and is not a directory.', field='workdir')
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ConfigError(f'{probe} is not writable, so {workdir} cannot be '
+                      f'{"written" if probe == path else "created"}; choose another --workdir.',
+                      field='workdir')
+
+
+def _check_forward(model, task, batch) -> None:
+  """Traces the training forward pass on the real batch's shapes (nothing runs):
+  a value that only fails at trace time (a routing group that does not divide the
+  batch, a hash table for another vocabulary) is reported before any work."""
+  inputs = task.model_inputs(batch)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), inputs)
+  try:
+    jax.eval_shape(lambda m, kw: m(**kw), model, abstract)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, ArithmeticError) as e:
+    raise ConfigError(str(e), field='config.model') from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_at_step: int | None = None) -> dict | None:
+                       stop_at_step: int | None = None, strict_restore: bool = False,
+                       allow_config_change: bool = False) -> dict | None:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
   Args:
-    config: a ViT config (see `config_lib.vit_base_config`).
+    config: a run config (e.g. `configs/vit/fashion_mnist.py`; fields in
+      `config_lib.base_config` and the family's base).
     workdir: checkpoints, TensorBoard events, metrics.jsonl and results.json go here.
     stop_at_step: stop (with a checkpoint) after this step, as an interruption would.
+    strict_restore: a damaged newest checkpoint stops the run (CheckpointError) instead
+      of falling back to the newest intact one.
+    allow_config_change: resume with non-shape config changes (recorded in results.json).
 
   Returns:
-    The results dict also written to results.json, or None when stopped early.
+    The results dict also written to results.json, or None when stopped early (by
+    `stop_at_step` or a signal).
+
+  Raises:
+    ConfigError (bad config, before anything is created), checkpoint.CheckpointError,
+    divergence.DivergenceError.
   """
   config_lib.validate(config)
-  mesh = sharded.trainer_mesh(config)
-  with sharded.mesh_context(mesh):
-    return _train_and_evaluate(config, workdir, stop_at_step, mesh)
+  check_workdir(workdir)
+  mesh = device_mesh.trainer_mesh(config)
+  with device_mesh.mesh_context(mesh):
+    return _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore,
+                               allow_config_change)
 
 
-def _train_and_evaluate(config, workdir, stop_at_step, mesh):
+def _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore, allow_config_change):
   session_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   done = load_results(workdir)
   if done is not None and done['config'] == _config_json(config):
     logging.info('%s already holds the finished run: %s', workdir, done['final'])
     return done
-  data = ImageData.from_config(config.data, batch_size=config.batch_size,
-                               eval_batch_size=config.eval_batch_size, seed=config.seed,
-                               image_size=config.model.image_size)
-  if (data.num_classes, data.image_shape[2]) != (config.model.num_classes, config.model.channels):
-    raise ValueError(f'{config.data.name!r} has {data.num_classes} classes and '
-                     f'{data.image_shape[2]} channels; set config.model.num_classes and '
-                     'config.model.channels to match.')
+  task = tasks.TASKS[config.task.name](config)
+  task.prepare()
 
   model = build_model(config, rngs=nnx.Rngs(config.seed))
+  device_mesh.check_model_fits(mesh, model)
+  _check_forward(model, task, device_mesh.put_batch(mesh, next(task.train_iterator(0))[1]))
   tx, schedule = build_optimizer(config)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  sharded.place_state(mesh, model, optimizer)
-  train_step = steps.make_train_step(model, optimizer, schedule,
-                                     label_smoothing=config.optimizer.label_smoothing)
-  eval_step = steps.make_eval_step(model)
+  device_mesh.place_state(mesh, model, optimizer)
+  train_step = steps.make_train_step(model, optimizer, schedule, task,
+                                     skip_nonfinite=config.on_nonfinite == 'skip')
+  eval_step = steps.make_eval_step(model, task)
+
+  os.makedirs(workdir, exist_ok=True)          # everything above is checked: now create
   mngr = checkpoint.make_manager(workdir, every=config.checkpoint_every_steps,
                                  keep=config.keep_checkpoints)
-  state, meta = restore_or_init(mngr, nnx.state((model, optimizer)), config)
+  try:
+    state, meta = restore_or_init(mngr, nnx.state((model, optimizer)), config, workdir,
+                                  strict=strict_restore, allow_config_change=allow_config_change)
+  except BaseException:
+    mngr.close()
+    _remove_if_empty(workdir)
+    raise
   if meta is None:
-    meta = dict(step=0, data=data.position(0), train_time_s=0.0, wall_time_s=0.0, eval=[])
+    meta = dict(step=0, data=task.position(0), train_time_s=0.0, wall_time_s=0.0, eval=[])
     writers.truncate_jsonl(workdir, -1)
   else:
-    if meta['data']['seed'] != config.seed:
-      raise ValueError(f"{workdir} was trained with seed {meta['data']['seed']}, the config has "
-                       f'{config.seed}: use a new workdir or the same seed.')
     writers.truncate_jsonl(workdir, meta['step'])
     logging.info('Resumed from step %d (data position %s).', meta['step'], meta['data'])
+  meta['config'] = _config_json(config)
   start = meta['step']
   nnx.update((model, optimizer), state)
 
@@ -159,18 +240,19 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
     logging.info('\n%s', parameter_overview.get_parameter_overview(
         nnx.state(model, nnx.Param).to_pure_dict(), include_stats=False))
 
-  it = ((s, sharded.put_batch(mesh, b)) for s, b in data.train_iterator(start))
+  it = ((s, device_mesh.put_batch(mesh, b)) for s, b in task.train_iterator(start))
   first = next(it)
   compile_start = time.time()
   compiled = train_step.lower(state, first[1]).compile()
   compile_s = time.time() - compile_start
   step_flops = None
+  moe_calls = flops.moe_calls(model, task.model_inputs(first[1]))
   if config.count_flops:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    step_flops = flops.train_step_flops(float(ca.get('flops', 0.0)), model, config.batch_size,
+    step_flops = flops.train_step_flops(float(ca.get('flops', 0.0)), moe_calls,
                                         devices=1 if mesh is None else mesh.size)
-  params = flops.param_counts(model)
+  params = flops.param_counts(model, moe_calls)
   logging.info('params %s; train step %.3g FLOPs; compiled in %.1fs', params,
                step_flops['train_step'] if step_flops else float('nan'), compile_s)
 
@@ -178,67 +260,121 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh):
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   hooks = [report] if jax.process_index() == 0 else []
-  window, stopped = [], False
-  train_time = 0.0
+  window, unchecked, stopped = [], [], False
+  train_time = window_time = 0.0
+  skipped = meta.get('skipped_steps', 0)
   with metric_writers.ensure_flushes(writer), _StopFlag() as flag:
     step = start
     batch_iter = _chain(first, it)
-    while step < num_steps:
-      t0 = time.time()
-      _, batch = next(batch_iter)
-      state, metrics = compiled(state, batch)
-      window.append(metrics)
-      step += 1
-      log_now = step % config.log_every_steps == 0 or step == num_steps
-      eval_now = step % config.eval_every_steps == 0 or step == num_steps
-      if log_now or eval_now:
-        jax.block_until_ready(metrics)   # so the step's time is counted as training time
-      train_time += time.time() - t0
-      if log_now:
-        means = _mean_metrics(window)
-        writer.write_scalars(step, means)
-        # Every process holds the (replicated) loss: results.json of any process has the curve.
-        meta.setdefault('train_loss', []).append([step, means['train/loss']])
-        window = []
-      for h in hooks:
-        h(step)
-      if eval_now:
-        with report.timed('eval'):
-          ev = evaluate(eval_step, state[0], data, mesh)
-        ev['time/train_s'] = meta['train_time_s'] + train_time
-        ev['time/process_cpu_s'] = _cpu_seconds()
-        writer.write_scalars(step, ev)
-        meta['eval'].append({'step': step, **ev})
-      stopped = flag.stop or step == stop_at_step
-      meta.update(step=step, data=data.position(step))
-      meta['train_time_s'] += train_time
-      meta['wall_time_s'] += time.time() - session_start
-      train_time, session_start = 0.0, time.time()
-      checkpoint.save(mngr, step, state, meta, force=stopped or step == num_steps)
-      if stopped and step < num_steps:
-        break
-  mngr.wait_until_finished()
-  mngr.close()
+    try:
+      while step < num_steps:
+        t0 = time.time()
+        _, batch = next(batch_iter)
+        state, metrics = compiled(state, batch)
+        step += 1
+        window.append((step, metrics))
+        unchecked.append((step, metrics))
+        log_now = step % config.log_every_steps == 0 or step == num_steps
+        eval_now = step % config.eval_every_steps == 0 or step == num_steps
+        stopped = flag.stop or step == stop_at_step
+        save_now = stopped or step == num_steps or mngr.should_save(step)
+        if log_now or eval_now or save_now:
+          jax.block_until_ready(metrics)   # so the step's time is counted as training time
+        train_time += time.time() - t0
+        window_time += time.time() - t0
+        if log_now or eval_now or save_now:
+          # Before anything is written: a non-finite step never reaches a checkpoint.
+          host = jax.device_get(unchecked)
+          unchecked = []
+          skipped = _check_finite(config, host, skipped, step)
+        if log_now:
+          means = _mean_metrics(jax.device_get(window), window_time)
+          writer.write_scalars(step, means)
+          # Every process holds the (replicated) loss: results.json of any process has it.
+          meta.setdefault('train_loss', []).append([step, means['train/loss']])
+          window, window_time = [], 0.0
+        for h in hooks:
+          h(step)
+        if eval_now:
+          with report.timed('eval'):
+            ev = evaluate(eval_step, state[0], task, mesh)
+          ev['time/train_s'] = meta['train_time_s'] + train_time
+          ev['time/process_cpu_s'] = _cpu_seconds()
+          writer.write_scalars(step, ev)
+          meta['eval'].append({'step': step, **ev})
+        meta.update(step=step, data=task.position(step), skipped_steps=skipped)
+        meta['train_time_s'] += train_time
+        meta['wall_time_s'] += time.time() - session_start
+        train_time, session_start = 0.0, time.time()
+        checkpoint.save(mngr, step, state, meta, force=stopped or step == num_steps)
+        if stopped and step < num_steps:
+          break
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
   nnx.update((model, optimizer), state)
   if step < num_steps:
-    logging.info('Stopped at step %d of %d; rerun the same command to resume.', step, num_steps)
+    why = f'signal {flag.signal}' if flag.signal else f'stop_at_step={stop_at_step}'
+    logging.warning('Stopped at step %d of %d (%s); rerun the same command to resume.', step,
+                    num_steps, why)
     return None
-  results = _results(config, meta, params, step_flops, compile_s, data)
+  results = _results(config, meta, params, step_flops, compile_s, task)
   if jax.process_index() == 0:   # one writer for the shared workdir
-    with open(os.path.join(workdir, RESULTS + '.tmp'), 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(os.path.join(workdir, RESULTS + '.tmp'), os.path.join(workdir, RESULTS))
+    writers.write_json_atomic(os.path.join(workdir, RESULTS), results)
   logging.info('Final: %s', {k: v for k, v in results['final'].items()})
   return results
 
 
+def _check_finite(config, host_window: list, skipped: int, step: int) -> int:
+  """Raises DivergenceError at the first non-finite step ('stop'), or counts the skipped
+  steps ('skip') and raises past `config.max_skipped_steps`. Returns the new count."""
+  bad = divergence.first_bad_step(host_window)
+  if bad is None:
+    return skipped
+  if config.on_nonfinite == 'stop':
+    raise divergence.DivergenceError(*bad, detail=(
+        ' The last checkpoint holds the last good state. Lower the learning rate, or set '
+        "--config.on_nonfinite=skip to skip such steps."))
+  n = sum(float(m.get('nonfinite', 0.0)) > 0 for _, m in host_window)
+  logging.warning('Skipped %d non-finite step(s) up to step %d (first: step %d, %s).', n, step,
+                  *bad)
+  skipped += n
+  if skipped > config.max_skipped_steps:
+    raise divergence.DivergenceError(*bad, detail=(
+        f' {skipped} steps skipped so far, more than config.max_skipped_steps='
+        f'{config.max_skipped_steps}.'))
+  return skipped
+
+
+def _remove_if_empty(workdir: str) -> None:
+  """Undoes the workdir's creation when a failed start left nothing in it."""
+  for sub in ('checkpoints', ''):
+    path = os.path.join(workdir, sub)
+    try:
+      if os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+    except OSError:
+      pass
+
+
 def load_results(workdir: str) -> dict | None:
-  """The results.json of a finished run in `workdir`, or None."""
+  """The results.json of a finished run in `workdir`, or None.
+
+  A damaged results.json (a kill during its write leaves a partial file only if written
+  by something else than `write_json_atomic`) is moved aside with a warning, and the run
+  is treated as unfinished: it resumes from its checkpoints.
+  """
   path = os.path.join(workdir, RESULTS)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    moved = f'{path}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
+    os.replace(path, moved)
+    logging.warning('%s is damaged (%s); moved it to %s and resuming the run.', path, e, moved)
+    return None
 
 
 def _cpu_seconds() -> float:
@@ -262,7 +398,7 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
-def _results(config, meta, params, step_flops, compile_s, data) -> dict:
+def _results(config, meta, params, step_flops, compile_s, task) -> dict:
   n = config.num_train_steps
   last_eval = meta['eval'][-1]
   train_flops = None
@@ -280,8 +416,11 @@ def _results(config, meta, params, step_flops, compile_s, data) -> dict:
       wall_time_s=meta['wall_time_s'], train_time_s=meta['train_time_s'],
       steps_per_sec=n / max(meta['train_time_s'], 1e-9), last_compile_s=compile_s,
       process_cpu_s=_cpu_seconds(),
-      final={'test_accuracy': last_eval['eval/accuracy'], 'test_loss': last_eval['eval/loss']},
+      final=task.final_metrics(last_eval), task=task.name, headline=task.headline[0],
       eval_history=meta['eval'], train_loss=meta.get('train_loss', []),
+      skipped_steps=meta.get('skipped_steps', 0),
+      config_changes=meta.get('config_changes', []),
+      damaged_checkpoints=meta.get('damaged_checkpoints', []), **task.results_info(),
       environment=dict(jax=jax.__version__, backend=jax.default_backend(),
                        device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
                        cpu_count=os.cpu_count(), machine=platform.machine()))

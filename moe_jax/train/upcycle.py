@@ -1,15 +1,18 @@
-"""Sparse upcycling (Komatsuzaki et al. 2023): a trained dense ViT -> its MoE model.
+"""Sparse upcycling (Komatsuzaki et al. 2023): a trained dense model -> its MoE model.
 
     dense = load_dense_params('workdirs/dense')            # {path tuple: array}
     upcycle_params(dense, moe_params)                       # pure dict of the MoE model
     state = upcycle_train_state(config, nnx.state((model, optimizer)))   # the trainer's hook
 
-Every expert of an MoE block starts as a copy of that block's dense MLP (fc1 -> w_in,
-b_in; fc2 -> w_out, b_out, the same weights in all E experts); every other parameter
-(embedding, attention, norms, head, dense blocks) is copied; the router is freshly
+Works for any model whose MoE layers sit where the dense model has its MLP (the shared
+transformer MLP keeps its kernels as fc1, fc2 and fc_gate): every expert of an MoE layer
+starts as a copy of the dense MLP at the same module path (fc1 -> w_in, b_in; fc_gate ->
+w_gate; fc2 -> w_out, b_out, the same weights in all E experts); every other parameter
+(embeddings, attention, norms, heads, dense blocks) is copied; the router is freshly
 initialised, and so are the optimizer state and any non-trainable router state (RNG
 counters, DeepSeek's bias, REINFORCE's baseline). The MoE model must have the dense
-model's shapes, GELU experts without GLU, and expert_hidden = mlp_dim.
+model's shapes, the same MLP activation / GLU / biases, and expert_hidden = the dense
+MLP width (an error names the parameter otherwise).
 
 Function-preserving at init only where each token's combine weights sum to 1 and no
 token is dropped (e.g. tokens choice with k >= 2 renormalised gates and ample capacity:
@@ -33,9 +36,9 @@ from flax import nnx
 
 from moe_jax.train import checkpoint
 
-MODES = ('upcycle',)
-# Expert parameter <- (dense MLP parameter, expert-axis broadcast).
+# Expert parameter <- dense MLP parameter at the same module path (broadcast over E).
 EXPERT_FROM_DENSE = {('experts', 'w_in'): ('fc1', 'kernel'), ('experts', 'b_in'): ('fc1', 'bias'),
+                     ('experts', 'w_gate'): ('fc_gate', 'kernel'),
                      ('experts', 'w_out'): ('fc2', 'kernel'), ('experts', 'b_out'): ('fc2', 'bias')}
 
 
@@ -78,8 +81,8 @@ def upcycle_params(dense: dict, moe: dict) -> dict:
   """MoE model variables initialised from a dense model's parameters.
 
   Args:
-    dense: {path: array} of the dense ViT (`load_dense_params`).
-    moe: {path: array} of the freshly initialised MoE ViT (any variables: leaves the
+    dense: {path: array} of the dense model (`load_dense_params`).
+    moe: {path: array} of the freshly initialised MoE model (any variables: leaves the
       dense model lacks, such as routers and RNG state, are kept).
   Returns:
     A new {path: array}: experts = copies of the dense MLP, shared parameters copied.
@@ -88,7 +91,7 @@ def upcycle_params(dense: dict, moe: dict) -> dict:
   for path, value in moe.items():
     src, expert = path, False
     for tail, dense_tail in EXPERT_FROM_DENSE.items():
-      if path[-2:] == tail and 'mlp' in path:
+      if path[-2:] == tail:
         src, expert = path[:-2] + dense_tail, True
     if src not in dense:
       if expert:
@@ -99,8 +102,8 @@ def upcycle_params(dense: dict, moe: dict) -> dict:
     if expert:
       if np.shape(value)[1:] != d.shape:
         raise ValueError(f'upcycling: expert parameter {"/".join(path)} {np.shape(value)} does '
-                         f'not stack the dense {"/".join(src)} {d.shape}; set '
-                         'model.moe.expert_hidden to the dense mlp_dim (and glu=False).')
+                         f'not stack the dense {"/".join(src)} {d.shape}; set the MoE '
+                         "expert_hidden to the dense MLP's width.")
       d = np.broadcast_to(d, np.shape(value))
     elif np.shape(value) != d.shape:
       raise ValueError(f'upcycling: {"/".join(path)} has shape {np.shape(value)} in the MoE '
@@ -114,31 +117,17 @@ def upcycle_params(dense: dict, moe: dict) -> dict:
   return out
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a clear error for an init_from block that cannot be honoured."""
-  init = config.init_from
-  if init.mode not in MODES:
-    raise ValueError(f'config.init_from.mode: {init.mode!r} is not one of {MODES}.')
-  moe = config.model.moe
-  if moe.router == 'dense':
-    raise ValueError('config.init_from: upcycling needs an MoE config (router != dense).')
-  if moe.glu or moe.activation != 'gelu':
-    raise ValueError('config.init_from: upcycled experts copy the dense GELU MLP; set '
-                     'model.moe.glu=False and model.moe.activation=gelu.')
-  if moe.expert_hidden not in (None, config.model.mlp_dim):
-    raise ValueError(f'config.init_from: model.moe.expert_hidden={moe.expert_hidden} must equal '
-                     f'mlp_dim={config.model.mlp_dim} (or be unset) to copy the dense MLP.')
-
-
 def upcycle_train_state(config: ml_collections.ConfigDict, state: nnx.State) -> nnx.State:
   """The trainer's fresh `nnx.state((model, optimizer))` with upcycled model weights.
 
   The optimizer part is returned untouched (fresh: step 0, zero moments).
   """
-  check_config(config)
   model_state = state[0]
   pure = nnx.to_pure_dict(model_state)
   flat = _flatten(pure)
+  if not any(p[-2:] in EXPERT_FROM_DENSE for p in flat):
+    raise ValueError('config.init_from: upcycling needs an MoE model (the config has no MoE '
+                     'layer: set a router other than dense).')
   new = upcycle_params(load_dense_params(config.init_from.dense_workdir), flat)
   nnx.replace_by_pure_dict(model_state, _unflatten_like(pure, new))
   return state

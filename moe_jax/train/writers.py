@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
 from clu.metric_writers import interface
 
@@ -70,11 +71,28 @@ def create_writer(workdir: str) -> interface.MetricWriter:
 
 
 def read_jsonl(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl; a line that does not parse (a kill during a write
+  leaves a half line) is skipped with a warning naming the file and line."""
   path = os.path.join(workdir, JSONL)
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning('%s line %d is damaged (a partial write?); skipped.', path, i)
+  return out
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to path.tmp and renames it over path: readers never see half a file."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 def truncate_jsonl(workdir: str, last_step: int) -> None:

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moe_jax.models import PAPER_MOE, moe_block_indices, vit
+from moe_jax.layers import LayerContext, MoeConfig, MoeLayer
+from moe_jax.models import PAPER_MOE, moe_block_indices
 from moe_jax.train import config_lib
-from moe_jax.train.builders import build_model, moe_kwargs
+from moe_jax.train.builders import build_model
 from tests.train.vit_helpers import load_config_module
 
 FMNIST = load_config_module('configs/vit/fashion_mnist.py')
@@ -74,11 +75,15 @@ def test_bad_config_arguments_are_named(arg, match):
 @pytest.mark.parametrize('field, value, match', [
     ('model.moe.router', 'top3', "config.model.moe.router: 'top3' is not 'dense' or one of"),
     ('model.moe.engine', 'magic', 'config.model.moe.engine'),
-    ('model.patch_size', 5, 'does not divide image_size 28'),
+    ('model.patch_size', 5, r'config.model.*patch_size 5'),
     ('optimizer.warmup_steps', 10_000, 'lower --config.optimizer.warmup_steps'),
     ('mesh.expert', 0, 'config.mesh.expert: must be >= 1 or -1'),
-    ('batch_size', 0, 'config.batch_size: must be >= 1'),
-    ('model.token_ids', 'pixels', "config.model.token_ids: 'pixels' not in"),
+    ('batch_size', 0, 'config.batch_size: must be an int >= 1'),
+    ('seed', -1, r'config.seed: must be an int in \[0, 2\*\*31\)'),
+    ('model.token_ids', 'pixels', "config.model.*token_ids.*'pixels'"),
+    ('model.moe.router_kwargs.topk', 2, "config.model.moe.router_kwargs.topk: .* takes no"),
+    ('task.name', 'translation', "config.task.name: 'translation' is not one of"),
+    ('model.name', 'resnet', "config.model.name: 'resnet' is not one of"),
 ])
 def test_bad_config_values_raise_clear_errors(field, value, match):
   config = config_lib.apply_overrides(FMNIST.get_config('soft_moe,tiny'), {field: value})
@@ -100,16 +105,17 @@ def test_every_imagenet_config_builds_its_moe_layers(router, size):
   at full size (abstractly); whole models are built above for S/16 and B/16."""
   config = IMAGENET.get_config(f'{router},{size}')
   config_lib.validate(config)
-  m, moe = config.model, moe_kwargs(config.model.moe)
+  m, moe = config.model, MoeConfig.from_dict(config.model.moe)
   if router == 'dense':
     assert moe is None
     return
   tokens = (m.image_size // m.patch_size) ** 2
-  assert moe_block_indices(m.depth, last_n=moe['last_n']) == tuple(
+  assert moe_block_indices(m.depth, **moe.placement()) == tuple(
       range(m.depth - PAPER_MOE[size]['last_n'], m.depth))
-  layer = nnx.eval_shape(lambda: vit._moe_layer(m.width, m.mlp_dim, moe['group_size'] or tokens,
-                                                moe, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-  assert layer.router_name == router and layer.num_experts == moe['num_experts']
+  layer = nnx.eval_shape(lambda: MoeLayer.from_config(
+      moe, m.width, default_hidden=m.mlp_dim, dtype=jnp.bfloat16, rngs=nnx.Rngs(0),
+      context=LayerContext(tokens_per_group=moe.group_size or tokens)))
+  assert layer.router_name == router and layer.num_experts == moe.num_experts
   y, _ = jax.eval_shape(lambda l, x: l(x), layer,
                         jax.ShapeDtypeStruct((8, tokens, m.width), jnp.bfloat16))
   assert y.shape == (8, tokens, m.width)

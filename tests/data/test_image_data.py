@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from moe_jax.data import prepare
 from moe_jax.data.images import ImageData, augment_numpy
-from moe_jax.train import config_lib
+from moe_jax.configs import vit
 
 IDX_DIR = prepare.DEFAULT_IDX_DIR
 HAVE_IDX = prepare.find_idx_files(IDX_DIR) is not None
@@ -85,7 +85,7 @@ def _indexed_dataset(n):
 
 
 def _data(batch_size=8, seed=0, n=50, **overrides):
-  c = config_lib.vit_base_config().data
+  c = vit.base_config().data
   c.update(overrides)
   with tfds.testing.mock_data(num_examples=n, as_dataset_fn=_indexed_dataset(n)):
     return ImageData.from_config(c, batch_size=batch_size, eval_batch_size=16, seed=seed,

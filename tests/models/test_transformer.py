@@ -40,7 +40,7 @@ def test_mlp_matches_numpy_and_an_expert_with_the_same_weights(glu):
 def test_make_mlp_returns_a_dense_mlp_or_the_configured_moe_layer():
   ctx = LayerContext(tokens_per_group=8, causal=True, name='decoder/block_01')
   assert isinstance(make_mlp(8, 16, moe=None, context=ctx, rngs=nnx.Rngs(0)), Mlp)
-  cfg = moe_config(dict(router='switch', num_experts=4, expert_hidden=12), field='m',
+  cfg = moe_config(dict(router='switch', num_experts=4, expert_hidden=12, every=1), field='m',
                    defaults=dict(glu=True, activation='relu', use_bias=False))
   layer = make_mlp(8, 16, moe=cfg, context=ctx, rngs=nnx.Rngs(0))
   assert isinstance(layer, MoeLayer) and layer.context == ctx
@@ -48,7 +48,7 @@ def test_make_mlp_returns_a_dense_mlp_or_the_configured_moe_layer():
   y, aux = layer(jnp.ones((2, 8, 8)))
   assert y.shape == (2, 8, 8) and 'losses' in aux
   with pytest.raises(ConfigError) as e:
-    make_mlp(8, 16, moe=moe_config(dict(router='soft_moe', num_experts=4), field='m'),
+    make_mlp(8, 16, moe=moe_config(dict(router='soft_moe', num_experts=4, every=1), field='m'),
              context=ctx, field='config.model.moe', rngs=nnx.Rngs(0))
   assert e.value.field == 'config.model.moe.router'
 
@@ -57,8 +57,8 @@ def test_moe_config_defaults_fill_missing_and_unset_values_only():
   d = dict(activation='relu', glu=True, use_bias=False)
   assert moe_config(None, field='m') is None
   assert moe_config(dict(router='dense', num_experts=4), field='m', defaults=d) is None
-  cfg = moe_config(dict(router='switch', num_experts=4, glu=None, use_bias=True), field='m',
-                   defaults=d)
+  cfg = moe_config(dict(router='switch', num_experts=4, glu=None, use_bias=True, every=2),
+                   field='m', defaults=d)
   assert (cfg.activation, cfg.glu, cfg.use_bias) == ('relu', True, True)
   with pytest.raises(ConfigError, match=r'^m: unknown'):
-    moe_config(dict(router='switch', num_experts=4, typo=1), field='m')
+    moe_config(dict(router='switch', num_experts=4, every=2, typo=1), field='m')

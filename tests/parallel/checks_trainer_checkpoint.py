@@ -13,7 +13,8 @@ import optax
 from flax import nnx
 
 from moe_jax import parallel
-from moe_jax.train import sharded, steps
+from moe_jax.train import device_mesh as sharded, steps
+from moe_jax.tasks import ImageClassification
 from moe_jax.train.builders import build_model
 from moe_jax.train.trainer import train_and_evaluate
 from scripts.compare_mesh_losses import losses, tiny_config
@@ -53,7 +54,7 @@ def _deepseek_train(mesh, batches):
     model = build_model(config, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     sharded.place_state(mesh, model, optimizer)
-    step = steps.make_train_step(model, optimizer, lambda s: 1e-2)
+    step = steps.make_train_step(model, optimizer, lambda s: 1e-2, ImageClassification(config))
     state = nnx.state((model, optimizer))
     for b in batches:
       state, _ = step(state, sharded.put_batch(mesh, b))
@@ -89,12 +90,14 @@ def check_clear_errors():
   cfg = lambda mesh, **kw: tiny_config('tokens_choice', 2, mesh, **kw)
   _raises(lambda: sharded.trainer_mesh(cfg((2, 2))), 'needs 4 devices', '8 are available',
           '--config.mesh')
-  _raises(lambda: sharded.trainer_mesh(cfg((2, 4), batch_size=12)), 'config.batch_size=12',
+  _raises(lambda: sharded.trainer_mesh(cfg((2, 4), batch_size=12)), 'config.batch_size: 12',
           'multiple of 8')
   _raises(lambda: sharded.trainer_mesh(cfg((2, 4), eval_batch_size=20)),
-          'config.eval_batch_size=20', 'multiple of 8')
-  _raises(lambda: sharded.trainer_mesh(cfg((2, 4), **{'model.moe.num_experts': 6})),
-          'num_experts=6', 'config.mesh.expert')
+          'config.eval_batch_size: 20', 'multiple of 8')
+  six = cfg((2, 4), **{'model.moe.num_experts': 6})
+  _raises(lambda: sharded.check_model_fits(sharded.trainer_mesh(six),
+                                           build_model(six, rngs=nnx.Rngs(0))),
+          'has 6 experts', 'config.mesh.expert')
   assert sharded.trainer_mesh(cfg((1, 1))) is None      # one device, no mesh
   assert sharded.trainer_mesh(cfg((-1, 2))).shape == dict(data=4, expert=2, model=1)
 

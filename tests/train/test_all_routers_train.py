@@ -26,7 +26,7 @@ def _config(router):
   c = tiny_config('tokens_choice,tiny', num_train_steps=2, eval_every_steps=2,
                   checkpoint_every_steps=2, eval_batch_size=32,
                   **{'model.patch_size': 14, 'optimizer.warmup_steps': 1})
-  config_lib.set_router(c, router, **ROUTER_KWARGS.get(router, {}))
+  config_lib.set_router(c.model.moe, router, **ROUTER_KWARGS.get(router, {}))
   return c
 
 

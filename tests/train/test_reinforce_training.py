@@ -9,6 +9,7 @@ from flax import nnx
 from moe_jax.models import ViT
 from moe_jax.models.vit import extract_patches
 from moe_jax.train import steps
+from tests.train.vit_helpers import image_task
 
 LR = 0.5
 
@@ -34,7 +35,7 @@ def test_train_step_applies_the_reinforce_gradient_and_moves_the_baseline():
               moe=dict(router='reinforce', num_experts=4, last_n=1,
                        router_kwargs=dict(gate='one', load_balance_weight=0.0, capacity_factor=4.0)))
   optimizer = nnx.Optimizer(model, optax.sgd(LR), wrt=nnx.Param)
-  train_step = steps.make_train_step(model, optimizer, lambda step: LR, donate=False)
+  train_step = steps.make_train_step(model, optimizer, lambda step: LR, image_task(), donate=False)
   images = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
   labels = jnp.arange(8) % 10
   router = model.blocks[1].mlp.router
@@ -79,10 +80,11 @@ def test_loss_terms_add_the_surrogate_only_for_reinforce_layers():
   aux = {'block_01': {'losses': {}, 'metrics': {'reinforce_log_prob': log_prob,
                                                  'reinforce_baseline': jnp.float32(-1.5)}},
          'block_02': {'losses': {'lb': jnp.float32(0.25)}, 'metrics': {}}}
-  total, terms = steps.loss_terms(logits, labels, aux)
+  task_loss, per_example, _ = image_task().loss(logits, {'label': labels})
+  total, terms = steps.loss_terms(task_loss, per_example, aux)
   ce = -np.log(_np_softmax(np.asarray(logits, np.float64)))[np.arange(3), np.asarray(labels)]
   surrogate = -np.mean((-ce[:, None] + 1.5) * np.asarray(log_prob))
   np.testing.assert_allclose(terms['reinforce_loss'], surrogate, rtol=1e-5)
   np.testing.assert_allclose(total, ce.mean() + 0.25 + surrogate, rtol=1e-5)
-  _, plain = steps.loss_terms(logits, labels, {'block_02': aux['block_02']})
+  _, plain = steps.loss_terms(task_loss, per_example, {'block_02': aux['block_02']})
   assert float(plain['reinforce_loss']) == 0.0

@@ -23,10 +23,10 @@ def _restore(config, workdir):
   model = build_model(config, rngs=nnx.Rngs(123))
   optimizer = nnx.Optimizer(model, build_optimizer(config)[0], wrt=nnx.Param)
   mngr = checkpoint.make_manager(workdir, every=1, keep=5)
-  state, meta = checkpoint.restore_latest(mngr, nnx.state((model, optimizer)))
+  restored = checkpoint.restore_latest(mngr, nnx.state((model, optimizer)))
   mngr.close()
-  nnx.update((model, optimizer), state)
-  return model, optimizer, meta
+  nnx.update((model, optimizer), restored.state)
+  return model, optimizer, restored.meta
 
 
 def _params(model):
@@ -105,6 +105,6 @@ def test_upcycle_params_errors_name_the_mismatch(tmp_path):
   with pytest.raises(ValueError, match='holds no checkpoint'):
     upcycle.load_dense_params(str(tmp_path / 'dense_run'))
   assert not (tmp_path / 'dense_run').exists()      # reading creates nothing
-  cfg = tiny_config('tokens_choice,tiny', **{'init_from.dense_workdir': 'x', 'model.moe.glu': True})
-  with pytest.raises(ValueError, match='glu=False'):
-    upcycle.check_config(cfg)
+  dense_model = build_model(tiny_config('dense,tiny'), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='needs an MoE model'):
+    upcycle.upcycle_train_state(None, (nnx.state(dense_model),))

@@ -61,10 +61,24 @@ def test_moe_formula_agrees_with_xla_where_xla_counts_right(router, kwargs, engi
   assert 0.9 * cost.forward <= xla <= 1.25 * cost.forward, (xla, cost.forward)
 
 
+def _calls(model, batch=1):
+  """Each MoE layer's call shapes on a batch of 28x28 images (what the trainer records)."""
+  return flops.moe_calls(model, {'images': jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.float32)})
+
+
+def test_moe_calls_record_every_moe_layer_with_its_input_shape():
+  model = ViT(**dict(ARCH, depth=3), moe=dict(router='tokens_choice', num_experts=4, every=2),
+              rngs=nnx.Rngs(0))
+  calls = flops.moe_calls(model, {'images': jax.ShapeDtypeStruct((5, 28, 28, 1), jnp.float32)})
+  assert list(calls) == ['block_01']
+  layer, b, s = calls['block_01']
+  assert layer is model.blocks[1].mlp and (b, s) == (5, 16)
+
+
 def test_train_step_flops_replace_only_the_moe_part():
   model = ViT(**ARCH, moe=dict(router='tokens_choice', num_experts=4, last_n=1, engine='einsum'),
               rngs=nnx.Rngs(0))
-  out = flops.train_step_flops(1e9, model, batch=4)
+  out = flops.train_step_flops(1e9, _calls(model, batch=4))
   layer = out['layers']['block_01']
   assert layer['groups'] == 4 and layer['tokens_per_group'] == 16 and layer['capacity'] == 5
   assert out['moe_formula_train'] == pytest.approx(3 * layer['forward'])
@@ -72,7 +86,7 @@ def test_train_step_flops_replace_only_the_moe_part():
   # Where XLA counts the layer right (einsum engine), swapping in the formula changes little.
   assert abs(out['moe_formula_train'] - out['moe_xla_train']) < 0.35 * out['moe_xla_train']
   dense = ViT(**ARCH, rngs=nnx.Rngs(0))
-  assert flops.train_step_flops(1e9, dense, batch=4)['train_step'] == 1e9
+  assert flops.train_step_flops(1e9, _calls(dense, batch=4))['train_step'] == 1e9
 
 
 @pytest.mark.parametrize('router, kwargs, experts_per_token', [
@@ -84,11 +98,12 @@ def test_train_step_flops_replace_only_the_moe_part():
 def test_active_params_count_expert_slots_per_token(router, kwargs, experts_per_token):
   model = ViT(**ARCH, moe=dict(router=router, router_kwargs=kwargs, num_experts=4, last_n=1),
               rngs=nnx.Rngs(0))
-  counts = flops.param_counts(model)
+  counts = flops.param_counts(model, _calls(model))
   size = lambda t: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(t))
   total = size(nnx.state(model, nnx.Param))
   one_expert = size(nnx.state(model.blocks[1].mlp.experts, nnx.Param)) / 4
   assert counts['total'] == total and counts['experts'] == 4 * one_expert
   assert counts['active'] == round(total - 4 * one_expert + experts_per_token * one_expert)
-  dense = flops.param_counts(ViT(**ARCH, rngs=nnx.Rngs(0)))
+  dense_model = ViT(**ARCH, rngs=nnx.Rngs(0))
+  dense = flops.param_counts(dense_model, _calls(dense_model))
   assert dense['active'] == dense['total'] and dense['experts'] == 0

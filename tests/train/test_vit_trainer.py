@@ -19,7 +19,8 @@ from moe_jax.routing import hashing
 from moe_jax.train import steps, writers
 from moe_jax.train.builders import build_model
 from moe_jax.train.trainer import train_and_evaluate
-from tests.train.vit_helpers import ROOT, mock_fashion_mnist, persistent_xla_cache, tiny_config
+from tests.train.vit_helpers import (ROOT, image_task, mock_fashion_mnist, persistent_xla_cache,
+                                     tiny_config)
 
 
 def test_loss_terms_is_mean_cross_entropy_plus_every_aux_loss():
@@ -27,15 +28,18 @@ def test_loss_terms_is_mean_cross_entropy_plus_every_aux_loss():
   logits, labels = rng.normal(size=(5, 4)).astype(np.float32), np.array([0, 3, 1, 1, 2])
   aux = {'block_01': {'losses': {'load_balancing': 0.25, 'router_z': 0.125}, 'metrics': {}},
          'block_03': {'losses': {'load_balancing': 0.5}, 'metrics': {}}}
-  total, terms = steps.loss_terms(jnp.asarray(logits), jnp.asarray(labels), aux)
+  batch = {'label': jnp.asarray(labels)}
+  task_loss, per_example_loss, _ = image_task().loss(jnp.asarray(logits), batch)
+  total, terms = steps.loss_terms(task_loss, per_example_loss, aux)
   per_example = -log_softmax(logits, axis=-1)[np.arange(5), labels]
-  np.testing.assert_allclose(terms['per_example_loss'], per_example, rtol=1e-5)
+  np.testing.assert_allclose(per_example_loss, per_example, rtol=1e-5)
+  np.testing.assert_allclose(-terms['rewards'], per_example, rtol=1e-5)
   np.testing.assert_allclose(total, per_example.mean() + 0.875, rtol=1e-5)
   assert set(terms['aux_losses']) == {'block_01/load_balancing', 'block_01/router_z',
                                       'block_03/load_balancing'}
-  _, smooth = steps.loss_terms(jnp.asarray(logits), jnp.asarray(labels), {}, label_smoothing=0.1)
+  smooth, _, _ = image_task(label_smoothing=0.1).loss(jnp.asarray(logits), batch)
   target = np.full((5, 4), 0.1 / 4) + 0.9 * np.eye(4)[labels]
-  np.testing.assert_allclose(smooth['task_loss'], -(target * log_softmax(logits, -1)).sum(-1).mean(),
+  np.testing.assert_allclose(smooth, -(target * log_softmax(logits, -1)).sum(-1).mean(),
                              rtol=1e-5)
 
 
@@ -72,7 +76,7 @@ def test_train_step_updates_params_and_keeps_non_param_state(monkeypatch):
   model = ViT(num_classes=10, image_size=28, channels=1, patch_size=7, width=16, depth=2, mlp_dim=32,
               num_heads=2, moe=dict(router='biased', num_experts=4, last_n=1), rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-  train_step = steps.make_train_step(model, optimizer, lambda step: 1e-2)
+  train_step = steps.make_train_step(model, optimizer, lambda step: 1e-2, image_task())
   batch = {'image': jax.random.normal(jax.random.key(0), (8, 28, 28, 1)),
            'label': jnp.arange(8) % 10}
   state = nnx.state((model, optimizer))
@@ -172,7 +176,7 @@ def test_hash_router_with_patch_content_ids_trains_in_the_vit():
   config.model.moe.num_experts = 4
   model = build_model(config, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-  train_step = steps.make_train_step(model, optimizer, lambda step: 3e-3)
+  train_step = steps.make_train_step(model, optimizer, lambda step: 3e-3, image_task())
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, (8, 28, 28, 1)).astype(np.float32)
   pixels[:4, :14] = 0                                  # flat dark patches: one shared id

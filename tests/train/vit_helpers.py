@@ -56,3 +56,11 @@ def persistent_xla_cache(path: str):
     jax.config.update('jax_compilation_cache_dir', old[0])
     jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
     compilation_cache.reset_cache()
+
+
+def image_task(label_smoothing: float = 0.0):
+  """The image-classification task with no data loaded (for its loss and the train step)."""
+  import ml_collections
+  from moe_jax.tasks import ImageClassification
+  return ImageClassification(ml_collections.ConfigDict(
+      {'task': {'name': 'image_classification', 'label_smoothing': label_smoothing}}))

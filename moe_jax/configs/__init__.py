@@ -1,0 +1,1 @@
+"""Config building blocks shared by the files in configs/ (ml_collections)."""
