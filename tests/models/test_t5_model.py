@@ -242,3 +242,25 @@ def test_t5x_moe_presets_match_their_closed_form_counts():
   assert _preset_params('tokens_choose_base') == top2
   st = dense + 6 * ((16 - 1) * mlp + d * 16 + mlp + d)  # + the extra dense MLP and its norm
   assert _preset_params('st_moe_base') == st
+
+
+def test_every_parameter_gets_a_finite_gradient():
+  model = EncoderDecoder(**TINY, encoder_depth=1, decoder_depth=2, rngs=nnx.Rngs(0),
+                         encoder_moe=moe('switch'), decoder_moe=moe('switch', layers=(1,)))
+  inputs = jax.random.randint(jax.random.key(1), (2, 8), 0, V)
+  dec = jax.random.randint(jax.random.key(2), (2, 5), 0, V)
+
+  @nnx.jit
+  def grads(model):
+    def loss(model):
+      logits, aux = model(inputs, dec)
+      aux_loss = sum(jax.tree.leaves([a['losses'] for a in aux.values()]))
+      return -jnp.mean(jax.nn.log_softmax(logits)[..., 3]) + aux_loss
+    return nnx.grad(loss)(model)
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(grads(model), nnx.Param))[0]
+  norms = {jax.tree_util.keystr(p): float(jnp.linalg.norm(g)) for p, g in flat}
+  assert all(np.isfinite(v) for v in norms.values())
+  # An expert that received no token has a zero gradient; every other parameter moves.
+  zero = [p for p, v in norms.items() if v == 0 and 'experts' not in p]
+  assert not zero, zero
+  assert sum(v for p, v in norms.items() if 'experts' in p) > 0
