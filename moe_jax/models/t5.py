@@ -89,22 +89,18 @@ DECODER_PRESETS = {
 }
 
 
+# Constructor keywords both models share; their __init__ forwards them to `_setup`.
+_SHARED = ('vocab_size', 'width', 'num_heads', 'head_dim', 'mlp_dim', 'activation', 'glu',
+           'tie_embeddings', 'num_buckets', 'max_distance', 'norm_eps', 'moe_extra_mlp', 'dtype',
+           'size', 'rngs')
+
+
 def _kernel_init():
   return nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 
 class _LanguageModel(nnx.Module):
   """Token embedding and output logits shared by both models."""
-
-  def _init_io(self, vocab_size: int, width: int, *, tie_embeddings: bool, dtype, rngs: nnx.Rngs):
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-      raise ValueError(f'vocab_size must be an int >= 1, got {vocab_size!r}.')
-    self.vocab_size, self.width, self.dtype = vocab_size, width, dtype
-    self.embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(1.0),
-                           dtype=dtype, rngs=rngs)
-    self.head = (nnx.data(None) if tie_embeddings else
-                 nnx.Linear(width, vocab_size, use_bias=False, kernel_init=_kernel_init(),
-                            dtype=jnp.float32, rngs=rngs))
 
   def _logits(self, x: Array) -> Array:
     """x [..., d] -> float32 logits [..., V] (computed in float32 for stability)."""
@@ -113,9 +109,23 @@ class _LanguageModel(nnx.Module):
       return self.head(x)
     return jnp.einsum('...d,vd->...v', x, self.embed.embedding[...]) / np.sqrt(self.width)
 
-  def _stack_kwargs(self, *, num_heads, head_dim, mlp_dim, activation, glu, num_buckets,
-                    max_distance, norm_eps, moe_extra_mlp, rngs) -> dict:
-    return dict(width=self.width, num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim,
+  def _setup(self, *, vocab_size: int, width: int, num_heads: int, head_dim: int | None,
+             mlp_dim: int, activation: str, glu: bool, tie_embeddings: bool, num_buckets: int,
+             max_distance: int, norm_eps: float, moe_extra_mlp: bool, dtype: str,
+             size: str | None, rngs: nnx.Rngs) -> dict:
+    """Builds the embedding and output layer; returns the keywords of the model's stacks."""
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+      raise ValueError(f'vocab_size must be an int >= 1, got {vocab_size!r}.')
+    self.size, self.vocab_size, self.width = size, vocab_size, width
+    self.dtype = compute_dtype(dtype)
+    # Experts default to the model's own MLP unless the MoE dict says otherwise.
+    self.expert_defaults = dict(activation=activation, glu=glu, use_bias=False)
+    self.embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(1.0),
+                           dtype=self.dtype, rngs=rngs)
+    self.head = (nnx.data(None) if tie_embeddings else
+                 nnx.Linear(width, vocab_size, use_bias=False, kernel_init=_kernel_init(),
+                            dtype=jnp.float32, rngs=rngs))
+    return dict(width=width, num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim,
                 activation=activation, glu=glu, use_bias=False, norm='rmsnorm', norm_eps=norm_eps,
                 relative_bias=True, num_buckets=num_buckets, max_distance=max_distance,
                 moe_extra_mlp=moe_extra_mlp, kernel_init=_kernel_init(), dtype=self.dtype,
@@ -150,16 +160,11 @@ class EncoderDecoder(_LanguageModel):
                encoder_moe=None, decoder_moe=None, moe_extra_mlp: bool = False,
                max_input_length: int | None = None, max_target_length: int | None = None,
                dtype: str = 'float32', size: str | None = None, rngs: nnx.Rngs):
-    self.size = size
-    expert_defaults = dict(activation=activation, glu=glu, use_bias=False)
-    enc_moe = moe_config(encoder_moe, field='config.model.encoder_moe', defaults=expert_defaults)
-    dec_moe = moe_config(decoder_moe, field='config.model.decoder_moe', defaults=expert_defaults)
-    self._init_io(vocab_size, width, tie_embeddings=tie_embeddings, dtype=compute_dtype(dtype),
-                  rngs=rngs)
-    kw = self._stack_kwargs(num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim,
-                            activation=activation, glu=glu, num_buckets=num_buckets,
-                            max_distance=max_distance, norm_eps=norm_eps,
-                            moe_extra_mlp=moe_extra_mlp, rngs=rngs)
+    kw = self._setup(**{k: v for k, v in locals().items() if k in _SHARED})
+    enc_moe = moe_config(encoder_moe, field='config.model.encoder_moe',
+                         defaults=self.expert_defaults)
+    dec_moe = moe_config(decoder_moe, field='config.model.decoder_moe',
+                         defaults=self.expert_defaults)
     self.encoder = Stack(encoder_depth, name='encoder', causal=False, moe=enc_moe,
                          moe_field='config.model.encoder_moe', tokens_per_group=max_input_length,
                          **kw)
@@ -229,15 +234,8 @@ class Decoder(_LanguageModel):
                norm_eps: float = 1e-6, moe=None, moe_extra_mlp: bool = False,
                max_length: int | None = None, dtype: str = 'float32', size: str | None = None,
                rngs: nnx.Rngs):
-    self.size = size
-    dec_moe = moe_config(moe, field='config.model.moe',
-                         defaults=dict(activation=activation, glu=glu, use_bias=False))
-    self._init_io(vocab_size, width, tie_embeddings=tie_embeddings, dtype=compute_dtype(dtype),
-                  rngs=rngs)
-    kw = self._stack_kwargs(num_heads=num_heads, head_dim=head_dim, mlp_dim=mlp_dim,
-                            activation=activation, glu=glu, num_buckets=num_buckets,
-                            max_distance=max_distance, norm_eps=norm_eps,
-                            moe_extra_mlp=moe_extra_mlp, rngs=rngs)
+    kw = self._setup(**{k: v for k, v in locals().items() if k in _SHARED})
+    dec_moe = moe_config(moe, field='config.model.moe', defaults=self.expert_defaults)
     self.decoder = Stack(depth, name='decoder', causal=True, moe=dec_moe,
                          moe_field='config.model.moe', tokens_per_group=max_length, **kw)
 
