@@ -9,6 +9,8 @@ Pre-LayerNorm encoder (Dosovitskiy et al. 2021) with a patch embedding, learned 
 sin-cos position embeddings, and a global-average-pool ('gap') or class-token ('token')
 head. `moe` places MoE layers (any key of `layers.ROUTERS`) instead of the dense MLP in
 the blocks chosen by `placement.moe_block_indices` (every k-th, last n, or explicit).
+Built from `models.transformer` (pre-LN `Block`s with LayerNorm eps 1e-6, a fused qkv
+projection, GELU MLPs with biases, xavier-uniform kernels, a zero-initialised head).
 
 Every MoE layer gets `token_ids [B, S]` (hash routers need them), computed by a function
 of `token_ids.TOKEN_ID_FNS`: the token's position (default; class token 0, patches
@@ -16,6 +18,7 @@ of `token_ids.TOKEN_ID_FNS`: the token's position (default; class token 0, patch
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -24,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.layers import LayerContext, MoeConfig, MoeLayer
+from moe_jax.layers import LayerContext
 from moe_jax.models.placement import moe_block_indices
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
+from moe_jax.models.transformer import (DTYPES, Block, compute_dtype, config_dict, make_mlp,
+                                        moe_config)
 
 Array = jax.Array
 
@@ -47,7 +52,9 @@ PAPER_MOE = {
     'L/16': dict(num_experts=128, last_n=12),
     'H/14': dict(num_experts=128, last_n=16),
 }
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The ViT's dense MLP; MoE experts default to the same (GELU, no GLU, biases).
+MLP_OPTIONS = dict(activation='gelu', glu=False, use_bias=True)
+
 
 # images: [B, H, W, C] -> [B, N, patch_size² · C], row-major patches (the patch embedding's input).
 extract_patches = image_patches
@@ -64,64 +71,6 @@ def sincos2d(h: int, w: int, width: int, temperature: float = 10_000.) -> np.nda
   return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention, fused qkv projection. x: [B, S, d] -> [B, S, d]."""
-
-  def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
-    if width % num_heads:
-      raise ValueError(f'width {width} must be divisible by num_heads {num_heads}.')
-    init = nnx.initializers.xavier_uniform()
-    self.num_heads = num_heads
-    self.qkv = nnx.Linear(width, 3 * width, kernel_init=init, dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(width, width, kernel_init=init, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    b, s, d = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]                       # [B, S, H, dh]
-    logits = jnp.einsum('bqhc,bkhc->bhqk', q, k) / np.sqrt(d // self.num_heads).astype(x.dtype)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    return self.out(jnp.einsum('bhqk,bkhc->bqhc', probs, v).reshape(b, s, d))
-
-
-class Mlp(nnx.Module):
-  """Dense MLP block: Linear -> gelu -> Linear. x: [B, S, d] -> [B, S, d]."""
-
-  def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
-    init = nnx.initializers.xavier_uniform()
-    self.fc1 = nnx.Linear(width, mlp_dim, kernel_init=init, dtype=dtype, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, width, kernel_init=init, dtype=dtype, rngs=rngs)
-
-  def __call__(self, x: Array) -> Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x)))
-
-
-class Block(nnx.Module):
-  """Pre-LN encoder block; `mlp` is an `Mlp` or a `MoeLayer`."""
-
-  def __init__(self, width: int, num_heads: int, mlp: nnx.Module, *, dtype, rngs: nnx.Rngs):
-    self.norm1 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, rngs=rngs)
-    self.mlp = mlp
-    self.is_moe = isinstance(mlp, MoeLayer)
-
-  def __call__(self, x: Array, token_ids: Array) -> tuple[Array, dict | None]:
-    x = x + self.attn(self.norm1(x))
-    h = self.norm2(x)
-    if self.is_moe:
-      y, aux = self.mlp(h, token_ids=token_ids)
-      return x + y, aux
-    return x + self.mlp(h), None
-
-
-def _moe_layer(width: int, mlp_dim: int, tokens_per_group: int, moe: MoeConfig, index: int, *,
-               dtype, rngs: nnx.Rngs) -> MoeLayer:
-  return MoeLayer.from_config(moe, width, default_hidden=mlp_dim, dtype=dtype, rngs=rngs,
-                              context=LayerContext(tokens_per_group=tokens_per_group,
-                                                   name=f'block_{index:02d}'))
-
-
 class ViT(nnx.Module):
   """ViT classifier with optional MoE MLP blocks.
 
@@ -132,25 +81,28 @@ class ViT(nnx.Module):
     patch_size, width, depth, mlp_dim, num_heads: the backbone (see `PRESETS`).
     pool: 'gap' (mean of the final tokens) or 'token' (a class token).
     posemb: 'learn' or 'sincos2d'.
-    moe: None for a dense ViT, or a `MoeConfig` (or its dict form, router 'dense' = none)
-      with `router` (a `layers.ROUTERS` key), `router_kwargs`, `num_experts`, and
-      optionally `expert_hidden` (default mlp_dim), `engine`, `group_size` (tokens per
-      routing group; default one image), `glu`, `activation` and the placement `every` /
-      `last_n` / `layers`.
+    moe: None (or router 'dense') for a dense ViT, or an MoE block: a dict / ConfigDict
+      of `layers.MoeConfig` fields (`router` a `layers.ROUTERS` key, `num_experts`,
+      `router_kwargs`, `expert_hidden` (default mlp_dim), `engine`, `group_size` (tokens
+      per routing group; default one image), `glu`, `activation`, ..., and the placement
+      `every` / `last_n` / `layers`, which is required), or a MoeConfig.
     token_ids: a key of `token_ids.TOKEN_ID_FNS` ('position', 'patch_content'), the
       function computing the ids handed to every MoE layer.
-    token_ids_kwargs: extra keyword arguments of that function (e.g. `value_range`
-      of the pixels, `levels`, `bits` for 'patch_content').
-    patch_content: the options of the 'patch_content' token ids as configs hold them
-      (merged into token_ids_kwargs when token_ids='patch_content', ignored otherwise).
-    size: the preset's name ('tiny', 'B/16'), a label only: the sizes are the fields.
+    token_ids_kwargs: extra keyword arguments of that function.
+    patch_content: options of the 'patch_content' ids (`levels`, `bits`, `flat_std`,
+      `seed`, and `value_range`, the pixel range of the images the model sees; the
+      config must give the data pipeline's range); used only when
+      token_ids='patch_content' (configs carry it whatever the token ids);
+      `token_ids_kwargs` override it.
+    size: the preset's name ('tiny', 'B/16', ...): an informational label, stored as
+      `self.size`; the sizes themselves are the explicit keywords.
     dtype: compute dtype name ('float32', 'bfloat16'); params stay float32.
     rngs: `nnx.Rngs`.
   """
 
   def __init__(self, *, num_classes: int, image_size: int | tuple[int, int], channels: int,
                patch_size: int, width: int, depth: int, mlp_dim: int, num_heads: int,
-               pool: str = 'gap', posemb: str = 'learn', moe: dict | None = None,
+               pool: str = 'gap', posemb: str = 'learn', moe=None,
                token_ids: str = 'position', token_ids_kwargs: dict | None = None,
                patch_content: dict | None = None, size: str | None = None,
                dtype: str = 'float32', rngs: nnx.Rngs):
@@ -163,19 +115,18 @@ class ViT(nnx.Module):
       raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {posemb!r}.")
     if token_ids not in TOKEN_ID_FNS:
       raise ValueError(f'token_ids must be one of {sorted(TOKEN_ID_FNS)}, got {token_ids!r}.')
-    if dtype not in DTYPES:
-      raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}.')
-    cdt = DTYPES[dtype]
-    self.patch_size, self.pool, self.token_ids_name = patch_size, pool, token_ids
-    self.token_ids_kwargs = dict(token_ids_kwargs or {})
-    if token_ids == 'patch_content' and patch_content:
-      self.token_ids_kwargs = {**dict(patch_content), **self.token_ids_kwargs}
-    if 'value_range' in self.token_ids_kwargs:
-      self.token_ids_kwargs['value_range'] = tuple(self.token_ids_kwargs['value_range'])
+    cdt = compute_dtype(dtype)
+    moe = moe_config(moe, field='config.model.moe', defaults=MLP_OPTIONS)
+    self.size, self.patch_size, self.pool, self.token_ids_name = size, patch_size, pool, token_ids
+    self.token_ids_kwargs = config_dict(token_ids_kwargs)
+    if token_ids == 'patch_content':
+      self.token_ids_kwargs = {**config_dict(patch_content), **self.token_ids_kwargs}
     bad = set(self.token_ids_kwargs) - set(inspect.signature(TOKEN_ID_FNS[token_ids]).parameters)
     if bad:
       raise ValueError(f'token_ids_kwargs {sorted(bad)} are not arguments of the {token_ids!r} '
                        f'token-id function.')
+    if 'value_range' in self.token_ids_kwargs:
+      self.token_ids_kwargs['value_range'] = tuple(self.token_ids_kwargs['value_range'])
     self.num_patches = (h // patch_size) * (w // patch_size)
     self.num_tokens = self.num_patches + (pool == 'token')
     self.embed = nnx.Linear(patch_size * patch_size * channels, width, dtype=cdt,
@@ -185,15 +136,18 @@ class ViT(nnx.Module):
     else:
       self.posemb = nnx.data(jnp.asarray(sincos2d(h // patch_size, w // patch_size, width)))
     self.cls = (nnx.Param(jnp.zeros((1, 1, width))) if pool == 'token' else nnx.data(None))
-    if not isinstance(moe, MoeConfig):
-      moe = MoeConfig.from_dict(moe, field='moe')
-    moe_idx = moe_block_indices(depth, **moe.placement()) if moe else ()
-    self.moe_blocks = moe_idx
+    self.moe_blocks = moe_block_indices(depth, **moe.placement()) if moe else ()
+    context = LayerContext(tokens_per_group=(moe.group_size if moe and moe.group_size
+                                             else self.num_tokens))
     blocks = []
     for i in range(depth):
-      mlp = (_moe_layer(width, mlp_dim, moe.group_size or self.num_tokens, moe, i, dtype=cdt,
-                        rngs=rngs) if i in moe_idx else Mlp(width, mlp_dim, dtype=cdt, rngs=rngs))
-      blocks.append(Block(width, num_heads, mlp, dtype=cdt, rngs=rngs))
+      # The MLP is built before its block: the parameter draws keep the order of the
+      # original ViT, so a seed gives the same initial weights as before the rebuild.
+      mlp = make_mlp(width, mlp_dim, moe=moe if i in self.moe_blocks else None,
+                     context=dataclasses.replace(context, name=f'block_{i:02d}'),
+                     field='config.model.moe', dtype=cdt, rngs=rngs, **MLP_OPTIONS)
+      blocks.append(Block(width, num_heads, mlp, norm='layernorm', norm_eps=1e-6, use_bias=True,
+                          fused_qkv=True, dtype=cdt, rngs=rngs))
     self.blocks = nnx.List(blocks)
     self.norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=cdt, rngs=rngs)
     self.head = nnx.Linear(width, num_classes, kernel_init=nnx.initializers.zeros_init(),
@@ -223,3 +177,6 @@ class ViT(nnx.Module):
     x = self.norm(x)
     pooled = x[:, 0] if self.pool == 'token' else jnp.mean(x, axis=1)
     return self.head(pooled).astype(jnp.float32), aux
+
+
+__all__ = ['DTYPES', 'MLP_OPTIONS', 'PAPER_MOE', 'PRESETS', 'ViT', 'extract_patches', 'sincos2d']

@@ -1,4 +1,6 @@
 """ViT with MoE blocks: placement, patches, position embeddings, routers, token ids, sizes."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +182,33 @@ def test_paper_soft_moe_presets_add_the_published_expert_parameters(size, paper_
   added = (_param_count(**kw, moe=dict(router='soft_moe', **PAPER_MOE[size]))
            - _param_count(**kw))
   assert abs(added - (paper_moe - paper_dense)) / (paper_moe - paper_dense) < 0.02
+
+
+@pytest.mark.parametrize('path, arg, overrides', [
+    ('configs/vit/fashion_mnist.py', 'soft_moe,tiny', {}),
+    ('configs/vit/fashion_mnist.py', 'hash,small', {'model.token_ids': 'patch_content'}),
+    ('configs/vit/fashion_mnist.py', 'dense,tiny', {}),
+    ('configs/vit/imagenet.py', None, {})])
+def test_vit_takes_every_config_model_field_as_a_keyword(path, arg, overrides):
+  """The trainer builds MODELS[name](**config.model minus 'name'); no field is dropped."""
+  from moe_jax.models import MODELS
+  from moe_jax.train import config_lib
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  module = config_lib.load_config_module(os.path.join(root, path))
+  c = config_lib.apply_overrides(module.get_config(arg), overrides)
+  fields = {k: v for k, v in c.model.items() if k != 'name'}
+  model = nnx.eval_shape(lambda: MODELS['vit'](**fields, rngs=nnx.Rngs(0)))
+  assert model.size == c.model.size and len(model.blocks) == c.model.depth
+  assert len(model.moe_blocks) == (0 if c.model.moe.router == 'dense' else c.model.moe.last_n)
+
+
+def test_patch_content_options_reach_the_token_ids_with_their_pixel_range():
+  options = dict(levels=3, bits=2, flat_std=0.05, seed=1, value_range=[-1.0, 1.0])
+  model = ViT(**TINY, token_ids='patch_content', patch_content=options, rngs=nnx.Rngs(0))
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1), minval=-1.0, maxval=1.0)
+  want = TOKEN_ID_FNS['patch_content'](images, patch_size=7, num_tokens=16, levels=3, bits=2,
+                                       flat_std=0.05, seed=1, value_range=(-1.0, 1.0))
+  np.testing.assert_array_equal(np.asarray(model.default_token_ids(images)), np.asarray(want))
+  # Ignored by position ids (configs carry the block whatever the token ids).
+  model = ViT(**TINY, patch_content=options, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(model.default_token_ids(images))[0], np.arange(16))
