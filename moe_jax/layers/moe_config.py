@@ -135,9 +135,6 @@ class MoeConfig:
       ROUTERS[self.router].check_kwargs(dict(self.router_kwargs), num_experts=self.num_experts)
     except ConfigError as e:
       raise e.under('router_kwargs') from None
-    need(any(getattr(self, k) is not None for k in PLACEMENT_KEYS), 'last_n',
-         f'give a placement (every, last_n or layers) for the {self.router!r} MoE layers, '
-         "or set router='dense'.")
     try:
       get_engine(self.engine, **dict(self.engine_kwargs))
     except ConfigError as e:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from moe_jax.errors import ConfigError
+
 
 def moe_block_indices(depth: int, *, every: int | None = None, last_n: int | None = None,
                       layers: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -40,3 +42,21 @@ def moe_block_indices(depth: int, *, every: int | None = None, last_n: int | Non
     raise ValueError(f'moe last_n={last_n} must be between 0 and the depth {depth}.')
   first = 0 if last_n is None else depth - last_n
   return tuple(i for i in range(first, depth) if every is None or (i + 1) % every == 0)
+
+
+def stack_moe_blocks(depth: int, moe, *, field: str = 'moe') -> tuple[int, ...]:
+  """The MoE blocks of a stack of `depth` blocks for a `MoeConfig` (None: none).
+
+  A stack's MoE config must say where its layers go: no placement at all (rather than
+  silently every block) is a ConfigError naming `field`.
+  """
+  if moe is None:
+    return ()
+  placement = moe.placement()
+  if all(v is None for v in placement.values()):
+    raise ConfigError(f'give a placement (every, last_n or layers) for the {moe.router!r} MoE '
+                      "layers, or set router='dense'.", field=field)
+  try:
+    return moe_block_indices(depth, **placement)
+  except ValueError as e:
+    raise ConfigError(str(e), field=field) from None

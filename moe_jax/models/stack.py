@@ -19,7 +19,7 @@ from flax import nnx
 from moe_jax.layers import LayerContext, MoeConfig
 from moe_jax.models.attention import (RelativePositionBias, and_masks, causal_mask, padding_mask,
                                       segment_mask)
-from moe_jax.models.placement import moe_block_indices
+from moe_jax.models.placement import stack_moe_blocks
 from moe_jax.models.transformer import Block, Mlp, make_mlp, make_norm, routes_tokens_alone
 
 Array = jax.Array
@@ -56,7 +56,7 @@ class Stack(nnx.Module):
                relative_bias: bool = True, num_buckets: int = 32, max_distance: int = 128,
                kernel_init=None, dtype=None, rngs: nnx.Rngs):
     self.name, self.causal, self.cross_attention = name, causal, cross_attention
-    self.moe_blocks = moe_block_indices(depth, **moe.placement()) if moe else ()
+    self.moe_blocks = stack_moe_blocks(depth, moe, field=moe_field)
     self.rel_bias = (RelativePositionBias(num_heads, bidirectional=not causal,
                                           num_buckets=num_buckets, max_distance=max_distance,
                                           rngs=rngs) if relative_bias else nnx.data(None))

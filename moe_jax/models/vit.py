@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.layers import LayerContext
-from moe_jax.models.placement import moe_block_indices
+from moe_jax.models.placement import stack_moe_blocks
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
 from moe_jax.models.transformer import (DTYPES, Block, compute_dtype, config_dict, make_mlp,
                                         moe_config)
@@ -136,7 +136,7 @@ class ViT(nnx.Module):
     else:
       self.posemb = nnx.data(jnp.asarray(sincos2d(h // patch_size, w // patch_size, width)))
     self.cls = (nnx.Param(jnp.zeros((1, 1, width))) if pool == 'token' else nnx.data(None))
-    self.moe_blocks = moe_block_indices(depth, **moe.placement()) if moe else ()
+    self.moe_blocks = stack_moe_blocks(depth, moe, field='config.model.moe')
     context = LayerContext(tokens_per_group=(moe.group_size if moe and moe.group_size
                                              else self.num_tokens))
     blocks = []

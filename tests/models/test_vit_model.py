@@ -90,7 +90,7 @@ class _IdRouter(Router):
   causal = True
   needs_token_ids = True
 
-  def __init__(self, d_model, num_experts, *, rngs):
+  def __init__(self, d_model, num_experts, *, rngs, context=None):
     self.num_experts = num_experts
     self.seen = nnx.Variable(jnp.zeros((), jnp.int32))
 
