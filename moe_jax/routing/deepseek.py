@@ -113,7 +113,8 @@ def deepseek_routing(logits: Array, bias: Array | None = None, *, k: int = 8,
                      balance_count: str = 'unbiased', capacity_factor: float | None = None,
                      capacity: int | None = None, capacity_include_k: bool = True,
                      capacity_rounding: str = 'ceil', capacity_multiple_of: int = 1,
-                     min_capacity: int = 1) -> Routing:
+                     min_capacity: int = 1,
+                     slot_order: str = 'choice') -> Routing:
   """DeepSeek-V3 routing of the routed experts (shared experts live in `MoeLayer`).
 
   Args:
@@ -132,6 +133,8 @@ def deepseek_routing(logits: Array, bias: Array | None = None, *, k: int = 8,
     capacity: explicit C.
     capacity_include_k, capacity_rounding, capacity_multiple_of, min_capacity: see
       `compute_capacity`.
+    slot_order: 'choice' (all first choices before any second: the Google codebases)
+      or 'token' (token by token; routers use it in a causal context), see `assign_slots`.
 
   Returns:
     A sparse `Routing`; aux loss 'seq_balance' when α > 0.
@@ -168,4 +171,4 @@ def deepseek_routing(logits: Array, bias: Array | None = None, *, k: int = 8,
   probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
   aux = losses_lib.weighted(raw, dict(seq_balance=seq_balance_weight))
   return finish_token_routing(probs, expert_index, weight, capacity=c, aux_losses=aux,
-                              metrics=metrics)
+                              metrics=metrics, slot_order=slot_order)

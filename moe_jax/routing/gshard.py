@@ -100,7 +100,8 @@ def gshard_top2(logits: Array, *, uniform: Array | None = None, second_policy: s
                 capacity_factor: float = 1.0, capacity: int | None = None,
                 load_balance_weight: float = 1e-2, z_loss_weight: float = 0.0,
                 capacity_include_k: bool = True, capacity_rounding: str = 'ceil',
-                capacity_multiple_of: int = 1, min_capacity: int = 1) -> Routing:
+                capacity_multiple_of: int = 1, min_capacity: int = 1,
+                slot_order: str = 'choice') -> Routing:
   """GShard top-2 routing.
 
   Args:
@@ -116,6 +117,8 @@ def gshard_top2(logits: Array, *, uniform: Array | None = None, second_policy: s
     z_loss_weight: optional ST-MoE router z-loss coefficient (0: not in GShard).
     capacity_include_k, capacity_rounding, capacity_multiple_of, min_capacity: capacity
       convention (see `compute_capacity`).
+    slot_order: 'choice' (all first choices before any second: the Google codebases)
+      or 'token' (token by token; routers use it in a causal context), see `assign_slots`.
 
   Returns:
     A sparse `Routing` with K = 2 (second choices dropped by the policy are masked).
@@ -142,7 +145,8 @@ def gshard_top2(logits: Array, *, uniform: Array | None = None, second_policy: s
   metrics = {f'{n}_loss': v for n, v in raw.items()}
   metrics['second_dispatched_fraction'] = jnp.mean(keep2.astype(jnp.float32))
   r = finish_token_routing(probs, expert_index, normalised if renormalize == 'before' else top,
-                           capacity=capacity, mask=mask, aux_losses=aux, metrics=metrics)
+                           capacity=capacity, mask=mask, aux_losses=aux, metrics=metrics,
+                           slot_order=slot_order)
   if renormalize == 'after':
     r = _renormalize_survivors(r, top, mask)
   return r

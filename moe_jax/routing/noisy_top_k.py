@@ -45,7 +45,8 @@ def noisy_top_k(clean_logits: Array, raw_noise_logits: Array | None = None,
                 capacity_factor: float | None = None, capacity: int | None = None,
                 importance_weight: float = 0.1, load_weight: float = 0.1,
                 capacity_include_k: bool = True, capacity_rounding: str = 'ceil',
-                capacity_multiple_of: int = 1, min_capacity: int = 1) -> Routing:
+                capacity_multiple_of: int = 1, min_capacity: int = 1,
+                slot_order: str = 'choice') -> Routing:
   """Noisy top-k gating with the importance and smooth load losses.
 
   Args:
@@ -61,6 +62,8 @@ def noisy_top_k(clean_logits: Array, raw_noise_logits: Array | None = None,
     importance_weight, load_weight: w_importance and w_load (paper App. A; 0.1 each).
     capacity_include_k, capacity_rounding, capacity_multiple_of, min_capacity: the
       capacity convention when `capacity_factor` is given.
+    slot_order: 'choice' (all first choices before any second: the Google codebases)
+      or 'token' (token by token; routers use it in a causal context), see `assign_slots`.
 
   Returns:
     A sparse `Routing`; aux_losses 'importance' and 'load' (weighted).
@@ -97,4 +100,5 @@ def noisy_top_k(clean_logits: Array, raw_noise_logits: Array | None = None,
                    capacity_rounding=capacity_rounding, capacity_multiple_of=capacity_multiple_of,
                    min_capacity=min_capacity).slots(s, num_experts, k=k)
   return finish_token_routing(jax.nn.softmax(clean, axis=-1), expert_index, gate_k, capacity=c,
-                              aux_losses=aux, metrics={f'{n}_loss': v for n, v in raw.items()})
+                              aux_losses=aux, metrics={f'{n}_loss': v for n, v in raw.items()},
+                              slot_order=slot_order)

@@ -61,7 +61,8 @@ def reinforce_routing(logits: Array, key: Array | None, *, k: int = 1,
                       gate: str = 'prob', load_balance_weight: float = 1e-2,
                       entropy_weight: float = 0.0, z_loss_weight: float = 0.0,
                       capacity_include_k: bool = True, capacity_rounding: str = 'ceil',
-                      capacity_multiple_of: int = 1, min_capacity: int = 1) -> Routing:
+                      capacity_multiple_of: int = 1, min_capacity: int = 1,
+                      slot_order: str = 'choice') -> Routing:
   """Sampled (training) or argmax (evaluation) token-choice routing.
 
   Args:
@@ -74,6 +75,8 @@ def reinforce_routing(logits: Array, key: Array | None, *, k: int = 1,
     load_balance_weight: Switch loss E·Σ f·P on π and the sampled first choices.
     entropy_weight: β of the entropy bonus -β·mean H(π) (exploration; 0 by default).
     z_loss_weight: ST-MoE router z-loss coefficient.
+    slot_order: 'choice' (all first choices before any second: the Google codebases)
+      or 'token' (token by token; routers use it in a causal context), see `assign_slots`.
 
   Returns:
     A sparse `Routing` whose metrics hold `reinforce_log_prob` [G, S] (differentiable).
@@ -108,7 +111,7 @@ def reinforce_routing(logits: Array, key: Array | None, *, k: int = 1,
   metrics = {f'{n}_loss': v for n, v in raw.items()}
   metrics[LOG_PROB_KEY] = log_prob
   return finish_token_routing(probs, expert_index, weight, capacity=capacity, aux_losses=aux,
-                              metrics=metrics)
+                              metrics=metrics, slot_order=slot_order)
 
 
 def _broadcast_like(x: Array, ref: Array) -> Array:

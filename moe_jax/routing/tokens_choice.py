@@ -23,7 +23,8 @@ Array = jax.Array
 
 def finish_token_routing(probs: Array, expert_index: Array, weight: Array, *, capacity: int,
                          mask: Array | None = None, priority: Array | None = None,
-                         aux_losses: dict | None = None, metrics: dict | None = None) -> Routing:
+                         aux_losses: dict | None = None, metrics: dict | None = None,
+                         slot_order: str = 'choice') -> Routing:
   """Builds the `Routing` of any token-choice style router from its choices.
 
   Args:
@@ -34,11 +35,13 @@ def finish_token_routing(probs: Array, expert_index: Array, weight: Array, *, ca
     mask: [G, S, K] bool, choices actually requested (default all).
     priority: [G, S] batch-prioritised routing score, or None.
     aux_losses, metrics: extra entries.
+    slot_order: 'choice' or 'token' (causal), see `assign_slots`.
   """
   g, s, k = expert_index.shape
   num_experts = probs.shape[-1]
   slot_token, slot_weight, token_slot = assign_slots(
-      expert_index, weight, num_experts, capacity, mask=mask, priority=priority)
+      expert_index, weight, num_experts, capacity, mask=mask, priority=priority,
+      slot_order=slot_order)
   requested = g * s * k if mask is None else jnp.sum(mask)
   m = sparse_metrics(slot_token, s, probs, num_requested=requested)
   m.update(metrics or {})
@@ -56,7 +59,8 @@ def tokens_choice(logits: Array, *, k: int = 1, capacity_factor: float | None = 
                   z_loss_weight: float = 0.0, importance_weight: float = 0.0,
                   balance_count: str = 'top1', capacity_include_k: bool = True,
                   capacity_rounding: str = 'ceil', capacity_multiple_of: int = 1,
-                  min_capacity: int = 1) -> Routing:
+                  min_capacity: int = 1,
+                  slot_order: str = 'choice') -> Routing:
   """Softmax top-k token-choice routing with capacity.
 
   Args:
@@ -75,6 +79,8 @@ def tokens_choice(logits: Array, *, k: int = 1, capacity_factor: float | None = 
     balance_count: 'top1' (GShard/Switch/mesh-tf) or 'topk' (Megatron) counts for f.
     capacity_include_k, capacity_rounding, capacity_multiple_of, min_capacity: the
       capacity convention (see `compute_capacity`).
+    slot_order: 'choice' (all first choices before any second: the Google codebases)
+      or 'token' (token by token; routers use it in a causal context), see `assign_slots`.
 
   Returns:
     A sparse `Routing` with capacity C.
@@ -100,4 +106,5 @@ def tokens_choice(logits: Array, *, k: int = 1, capacity_factor: float | None = 
   aux = losses_lib.weighted(raw, dict(load_balancing=load_balance_weight, router_z=z_loss_weight,
                                       importance=importance_weight))
   return finish_token_routing(probs, expert_index, weight, capacity=capacity, priority=priority,
-                              aux_losses=aux, metrics={f'{n}_loss': v for n, v in raw.items()})
+                              aux_losses=aux, metrics={f'{n}_loss': v for n, v in raw.items()},
+                              slot_order=slot_order)

@@ -93,13 +93,10 @@ def _train_forward(model, tokens):
   return model(tokens)[0]
 
 
-# Top-2 token choice gives every first choice a slot before any second choice (mesh-tf,
-# flaxformer, vmoe), so a later token's first choice can drop an earlier token's second
-# choice: a future-token leak whenever capacity binds. The layers still call these
-# routers causal; the mark documents the leak until the slot priority is made causal.
-LEAKS_WHEN_CAPACITY_BINDS = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason='k=2 capacity priority: later first choices drop earlier second choices')
+# Top-2 token choice in the Google codebases' order gives every first choice a slot
+# before any second choice, so a later token's first choice could drop an earlier token's
+# second choice; in a causal context routers assign slots token by token instead, which
+# these cases (capacity binding) check.
 # Binding capacity (half the tokens fit) for every router that drops tokens: drops must
 # depend on earlier tokens only. Soft routers have no capacity to bind.
 CAUSALITY_CASES = [
@@ -109,10 +106,8 @@ CAUSALITY_CASES = [
     for r in CAUSAL] + [('tokens_choice', dict(k=2, capacity_factor=0.5))]
 
 
-@pytest.mark.parametrize('router, kwargs', [
-    pytest.param(r, kw, marks=LEAKS_WHEN_CAPACITY_BINDS)
-    if r in ('gshard_top2', 'deepseek') or kw.get('k') == 2 and r == 'tokens_choice' else (r, kw)
-    for r, kw in CAUSALITY_CASES], ids=[f'{r}-{kw}' for r, kw in CAUSALITY_CASES])
+@pytest.mark.parametrize('router, kwargs', CAUSALITY_CASES,
+                         ids=[f'{r}-{kw}' for r, kw in CAUSALITY_CASES])
 def test_decoder_outputs_ignore_later_tokens_for_every_causal_router(router, kwargs):
   """Logits before position 9 stay put (1e-6) when tokens from 9 on change; training mode,
   both calls from the same RNG state."""

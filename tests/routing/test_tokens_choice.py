@@ -180,3 +180,36 @@ def test_capacity_factor_convention():
 def test_bad_k_raises():
   with pytest.raises(ValueError, match='k=5 must be between 1 and the number of experts'):
     routing.tokens_choice(np.zeros((1, 4, 4), np.float32), k=5)
+
+
+def ref_token_major(logits, k, capacity):
+  """The cumsum algorithm with the one-hot mask flattened token-major (token s's k choices,
+  then token s + 1's): the causal slot order. Returns [G, S, E, C] float64."""
+  probs = scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
+  g, s, e = probs.shape
+  combine = np.zeros((g, s, e, capacity))
+  for gi in range(g):
+    idx = np.argsort(-probs[gi], axis=-1, kind='stable')[:, :k]
+    mask = np.eye(e)[idx.reshape(-1)]                               # [S*K, E], token-major
+    position = ((np.cumsum(mask, axis=0) - 1) * mask).sum(-1).reshape(s, k)
+    for tok in range(s):
+      for r in range(k):
+        if position[tok, r] < capacity:
+          combine[gi, tok, idx[tok, r], int(position[tok, r])] = probs[gi, tok, idx[tok, r]]
+  return combine
+
+
+def test_token_slot_order_matches_the_token_major_reference_and_is_causal():
+  logits = np.random.default_rng(3).normal(size=(2, 12, 4)).astype(np.float32)
+  fn = jit(routing.tokens_choice, static_argnames=STATIC + ('slot_order',))
+  r = fn(logits, k=2, capacity=3, capacity_factor=None, slot_order='token')
+  np.testing.assert_allclose(np_combine(r), ref_token_major(logits, 2, 3), rtol=1e-6)
+  # Drops of token t depend on tokens <= t only: changing later tokens keeps them.
+  changed = logits.copy()
+  changed[:, 7:] = np.random.default_rng(4).normal(size=changed[:, 7:].shape)
+  r2 = fn(changed, k=2, capacity=3, capacity_factor=None, slot_order='token')
+  np.testing.assert_array_equal(np.asarray(r.token_slot)[:, :7], np.asarray(r2.token_slot)[:, :7])
+  # The choice-major order does not have that property on this input.
+  c1 = fn(logits, k=2, capacity=3, capacity_factor=None, slot_order='choice')
+  c2 = fn(changed, k=2, capacity=3, capacity_factor=None, slot_order='choice')
+  assert not np.array_equal(np.asarray(c1.token_slot)[:, :7], np.asarray(c2.token_slot)[:, :7])

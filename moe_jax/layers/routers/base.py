@@ -109,16 +109,24 @@ class Router(nnx.Module):
 
     Args:
       d_model, num_experts, rngs: as the router's.
-      context: what the model tells the layer; routers that need it read it in their
-        own constructor (the base keeps nothing of it).
+      context: what the model tells the layer; routers that need more read it in their
+        own constructor. The base reads `causal`: a router whose routing function takes
+        `slot_order` then assigns capacity slots token by token ('token'), so that a
+        later token's first choice never drops an earlier token's second choice (the
+        Google codebases' 'choice' order does, which leaks future tokens in a decoder).
       kwargs: the router's `**kwargs`: capacity and pass-through keywords.
       gate_init_scale: build `self.gate`, a `LinearGate` with this init scale.
       noise_std: std of the Gaussian noise `add_noise` puts on logits in training.
       stochastic: the router draws random numbers in training (needs `self.rngs`).
     """
-    del context
     kwargs = dict(kwargs or {})
     type(self).check_kwargs(kwargs, num_experts=num_experts)
+    if context is not None and context.causal and 'slot_order' in type(self).passthrough_kwargs():
+      if kwargs.get('slot_order', 'token') != 'token' and not context.allow_future_leak:
+        raise ConfigError("slot_order='choice' lets later tokens drop earlier tokens' choices "
+                          "in a decoder; leave it unset (a causal context uses 'token').",
+                          field='slot_order')
+      kwargs.setdefault('slot_order', 'token')
     self.num_experts = num_experts
     self.capacity = type(self).capacity_spec(kwargs)
     self.routing_kwargs = {n: v for n, v in kwargs.items() if n not in CAPACITY_KWARGS}
