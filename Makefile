@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv test demo bench data data-images data-text clean
+.PHONY: venv test demo demo-lm bench data data-images data-text clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,15 @@ data-text: $(STAMP)
 demo: $(STAMP) data-images
 	$(PY) -m moe_jax.train.main --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) scripts/plot_curves.py $(DEMO_DIR)
+
+# --- LM demo: tiny T5-style encoder-decoder + Switch MoE, span corruption on debian_docs ---
+LM_DEMO_CONFIG ?= configs/t5/span_corruption.py:switch,tiny
+LM_DEMO_DIR ?= workdirs/demo_lm
+LM_DEMO_ARGS ?=
+
+demo-lm: $(STAMP) data-text
+	$(PY) -m moe_jax.train.main --config=$(LM_DEMO_CONFIG) --workdir=$(LM_DEMO_DIR) $(LM_DEMO_ARGS)
+	$(PY) scripts/plot_curves.py $(LM_DEMO_DIR)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark_layers.py --out benchmarks --ablation $(BENCH_ARGS)

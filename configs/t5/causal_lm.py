@@ -25,7 +25,7 @@ from moe_jax.layers import ROUTERS as _REGISTRY
 from moe_jax.train import config_lib
 
 ROUTERS = ('dense',) + tuple(_REGISTRY)
-SIZES = {'tiny': dict(steps=2000), 'small': dict(steps=2000)}
+SIZES = {'tiny': dict(steps=1500), 'small': dict(steps=500)}
 
 
 def get_config(arg: str | None = None):

@@ -31,7 +31,7 @@ from moe_jax.layers import ROUTERS as _REGISTRY
 from moe_jax.train import config_lib
 
 ROUTERS = ('dense',) + tuple(_REGISTRY)
-SIZES = {'tiny': dict(steps=2000), 'small': dict(steps=2000)}
+SIZES = {'tiny': dict(steps=3000), 'small': dict(steps=700)}
 
 
 def get_config(arg: str | None = None):

@@ -22,6 +22,7 @@ import shutil
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -98,7 +99,7 @@ def shape_mismatches(mngr: ocp.CheckpointManager, step: int, target) -> list[str
            for p, m in jax.tree_util.tree_leaves_with_path(mngr.item_metadata(step)['state'])}
   want, keys = {}, set()
   for p, v in jax.tree_util.tree_leaves_with_path(target):
-    if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+    if is_key(v):
       keys.add(_path_str(p))     # stored as raw key data: its shape is the RNG's, not ours
     else:
       want[_path_str(p)] = tuple(v.shape)
@@ -204,3 +205,64 @@ def restore_latest(mngr: ocp.CheckpointManager, target, *, strict: bool = False,
         f'every checkpoint in {mngr.directory} is damaged ({len(damaged)} steps, moved to '
         f'checkpoints_damaged/): {damaged}. Delete the workdir to start afresh.')
   return None
+
+
+def flatten_state(tree: dict, prefix: tuple = ()) -> dict:
+  """Nested dict -> {path of str: leaf}; orbax's {'value': array} leaf wrappers removed."""
+  out = {}
+  for k, v in tree.items():
+    path = prefix + (str(k),)
+    if isinstance(v, dict) and set(v) == {'value'} and not isinstance(v['value'], dict):
+      out[path] = v['value']
+    elif isinstance(v, dict):
+      out.update(flatten_state(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten_like(tree: dict, flat: dict, prefix: tuple = ()) -> dict:
+  """The nested dict `tree` with each leaf replaced by `flat[its path]` (flatten_state's
+  inverse, shaped like `tree`)."""
+  return {k: (unflatten_like(v, flat, prefix + (str(k),)) if isinstance(v, dict)
+              else flat[prefix + (str(k),)]) for k, v in tree.items()}
+
+
+def read_model_variables(workdir: str, step: int | None = None) -> dict | None:
+  """{path: np.ndarray} of the model part of a workdir's checkpoint (latest by default),
+  read without building the model; None when the workdir holds no checkpoint. Reads
+  only: creates and cleans up nothing."""
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(path):
+    return None
+  mngr = ocp.CheckpointManager(path, item_names=ITEMS)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      return None
+    raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                     meta=ocp.args.JsonRestore()))
+  finally:
+    mngr.close()
+  model = raw.state['0'] if '0' in raw.state else raw.state[0]   # state = (model, optimizer)
+  return {p: np.asarray(jax.random.key_data(v) if is_key(v) else v)
+          for p, v in flatten_state(model).items()}
+
+
+def is_key(v) -> bool:
+  """Whether `v` is a typed JAX random key (stored by orbax as raw key data)."""
+  return hasattr(v, 'dtype') and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+
+
+def read_latest_meta(workdir: str) -> dict | None:
+  """The JSON item of a workdir's latest checkpoint (data position, timers, config)."""
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(path):
+    return None
+  mngr = ocp.CheckpointManager(path, item_names=ITEMS,
+                               item_handlers={'meta': ocp.JsonCheckpointHandler()})
+  try:
+    step = mngr.latest_step()
+    return None if step is None else read_meta(mngr, step)
+  finally:
+    mngr.close()

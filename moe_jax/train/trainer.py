@@ -234,6 +234,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore, all
     writers.truncate_jsonl(workdir, meta['step'])
     logging.info('Resumed from step %d (data position %s).', meta['step'], meta['data'])
   meta['config'] = _config_json(config)
+  meta.update(task.results_info())   # e.g. the tokenizer: scripts read it from any checkpoint
   start = meta['step']
   nnx.update((model, optimizer), state)
 

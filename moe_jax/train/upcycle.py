@@ -26,12 +26,10 @@ run whose workdir holds no checkpoint of its own start from the upcycled weights
 """
 from __future__ import annotations
 
-import os
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from moe_jax.train import checkpoint
@@ -42,39 +40,17 @@ EXPERT_FROM_DENSE = {('experts', 'w_in'): ('fc1', 'kernel'), ('experts', 'b_in')
                      ('experts', 'w_out'): ('fc2', 'kernel'), ('experts', 'b_out'): ('fc2', 'bias')}
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> dict:
-  """Nested dict -> {path of str: leaf}; orbax's {'value': array} leaf wrappers removed."""
-  out = {}
-  for k, v in tree.items():
-    path = prefix + (str(k),)
-    if isinstance(v, dict) and set(v) == {'value'} and not isinstance(v['value'], dict):
-      out[path] = v['value']
-    elif isinstance(v, dict):
-      out.update(_flatten(v, path))
-    else:
-      out[path] = v
-  return out
-
-
 def load_dense_params(dense_workdir: str) -> dict:
-  """The model parameters of the latest checkpoint in a dense run's workdir.
+  """The model variables of the latest checkpoint in a dense run's workdir.
 
   Returns:
     {path: np.ndarray}, paths like ('blocks', '3', 'mlp', 'fc1', 'kernel').
   """
-  path = os.path.join(os.path.abspath(dense_workdir), 'checkpoints')
-  # A plain manager, only on an existing directory: it neither creates nor cleans up.
-  mngr = (ocp.CheckpointManager(path, item_names=('state', 'meta')) if os.path.isdir(path)
-          else None)
-  step = None if mngr is None else mngr.latest_step()
-  if step is None:
+  flat = checkpoint.read_model_variables(dense_workdir)
+  if flat is None:
     raise ValueError(f'init_from.dense_workdir={dense_workdir!r} holds no checkpoint: train '
                      'the dense model there first (router=dense).')
-  raw = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                   meta=ocp.args.JsonRestore()))
-  mngr.close()
-  model = raw.state['0'] if '0' in raw.state else raw.state[0]   # state = (model, optimizer)
-  return {p: np.asarray(v) for p, v in _flatten(model).items()}
+  return flat
 
 
 def upcycle_params(dense: dict, moe: dict) -> dict:
@@ -124,18 +100,13 @@ def upcycle_train_state(config: ml_collections.ConfigDict, state: nnx.State) -> 
   """
   model_state = state[0]
   pure = nnx.to_pure_dict(model_state)
-  flat = _flatten(pure)
+  flat = checkpoint.flatten_state(pure)
   if not any(p[-2:] in EXPERT_FROM_DENSE for p in flat):
     raise ValueError('config.init_from: upcycling needs an MoE model (the config has no MoE '
                      'layer: set a router other than dense).')
   new = upcycle_params(load_dense_params(config.init_from.dense_workdir), flat)
-  nnx.replace_by_pure_dict(model_state, _unflatten_like(pure, new))
+  nnx.replace_by_pure_dict(model_state, checkpoint.unflatten_like(pure, new))
   return state
-
-
-def _unflatten_like(tree: dict, flat: dict, prefix: tuple = ()) -> dict:
-  return {k: (_unflatten_like(v, flat, prefix + (str(k),)) if isinstance(v, dict)
-              else flat[prefix + (str(k),)]) for k, v in tree.items()}
 
 
 def initial_meta(config: ml_collections.ConfigDict, dense_workdir: str) -> dict:

@@ -3,7 +3,8 @@ import pytest
 
 from tests.parallel._harness import run_script
 
-LOSSES = ['tokens_choice', 'experts_choice', 'soft_moe']
+LOSSES = ['tokens_choice', 'experts_choice', 'soft_moe', 'lm_span_corruption_switch',
+          'lm_causal_tokens_choice']
 
 
 @pytest.fixture(scope='module')
@@ -15,7 +16,7 @@ def losses():
 @pytest.mark.xdist_group('parallel_trainer_losses')
 @pytest.mark.parametrize('name', LOSSES)
 def test_mesh_training_matches_one_device(losses, name):
-  """4 steps of a tiny ViT on mesh (data=2, expert=4) log the 1-device losses (1e-4)."""
+  """4 steps of a tiny ViT or LM on mesh (data=2, expert=4) log the 1-device losses (1e-4)."""
   assert set(LOSSES) <= set(losses), sorted(losses)
   assert losses[name] == 'ok', losses[name]
 
