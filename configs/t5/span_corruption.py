@@ -36,11 +36,7 @@ SIZES = {'tiny': dict(steps=3000), 'small': dict(steps=700)}
 
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, router=('switch', ROUTERS), size=('tiny', tuple(SIZES)))
-  c = t5.base_config('span_corruption', a.size)
-  c.num_train_steps = SIZES[a.size]['steps']
-  c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c = t5.base_config('span_corruption', a.size, steps=SIZES[a.size]['steps'])
   t5.set_block_router(c.model.encoder_moe, a.router)
   decoder_router = a.router if a.router == 'dense' or _REGISTRY[a.router].causal else 'tokens_choice'
   t5.set_block_router(c.model.decoder_moe, decoder_router)
