@@ -70,12 +70,19 @@ def recording_moe_calls() -> Iterator[list[MoeCall]]:
   it in `jax.eval_shape`: routers with state (RNG counters, DeepSeek's counts) would
   keep tracers.
   """
-  calls: list[MoeCall] = []
-  _RECORDINGS.append(calls)
-  try:
+  with _recording(_RECORDINGS) as calls:
     yield calls
+
+
+@contextlib.contextmanager
+def _recording(active: list[list]) -> Iterator[list]:
+  """A fresh list, in `active` while the block runs (nested recordings each get all)."""
+  found: list = []
+  active.append(found)
+  try:
+    yield found
   finally:
-    _RECORDINGS[:] = [c for c in _RECORDINGS if c is not calls]
+    active[:] = [c for c in active if c is not found]
 
 
 class RoutingRecord(NamedTuple):
@@ -108,12 +115,8 @@ def recording_routings() -> Iterator[list[RoutingRecord]]:
   are the trace's values, so return them from the traced function. Expert-parallel
   calls (under a mesh) record nothing: their routing lives inside `shard_map`.
   """
-  records: list[RoutingRecord] = []
-  _ROUTING_RECORDINGS.append(records)
-  try:
+  with _recording(_ROUTING_RECORDINGS) as records:
     yield records
-  finally:
-    _ROUTING_RECORDINGS[:] = [r for r in _ROUTING_RECORDINGS if r is not records]
 
 
 def _permute(a: Array, perm: Array) -> Array:
