@@ -6,7 +6,8 @@
                              experts that took it); x: a requested choice was dropped;
                              uncoloured: no expert took the patch
       '<layer>/soft_slots'   Soft MoE (dense) layers: a few slots' dispatch weights over
-                             the image (Puigcerver et al. 2023, Fig. 10), and per patch
+                             the image (Puigcerver et al. 2023, Fig. 10; each panel from
+                             its smallest to its largest weight), and per patch
                              its largest combine weight (1: one slot makes its output)
 
 `images` [B, H, W, C] in any value range (shown min-max scaled); `views` from
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.colors import LogNorm
 
 from moe_jax.inspection.pictures import (DROPPED_COLOR, UNROUTED_COLOR, Picture, expert_colors,
                                          expert_legend, figure_rgb, layer_order, plt)
@@ -83,7 +85,7 @@ def expert_picture(images: np.ndarray, views: dict, *, patch_size: int,
   expert_legend(fig, colors, extra=[('no expert', UNROUTED_COLOR, None),
                                     ('dropped choice', DROPPED_COLOR, 'x')])
   fig.suptitle('patches coloured by expert (largest combine weight)', fontsize=9)
-  fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+  fig.tight_layout(rect=(0, 0.1, 1, 0.96))
   return Picture('patch_experts', png=figure_rgb(fig))
 
 
@@ -99,6 +101,7 @@ def soft_slot_picture(images: np.ndarray, name: str, view: dict, *, patch_size: 
   cols = 2 + len(slots)
   fig, axes = plt.subplots(n, cols, figsize=(1.45 * cols, 1.5 * n + 0.5), dpi=90, squeeze=False)
   extent = (0, grid[1] * patch_size, grid[0] * patch_size, 0)
+  num_tokens = view['slot_dispatch'].shape[1]
   for b in range(n):
     image = _display(images[b])
     _show(axes[b, 0], image, patch_size)
@@ -106,22 +109,26 @@ def soft_slot_picture(images: np.ndarray, name: str, view: dict, *, patch_size: 
       heat = _patches(view['slot_dispatch'][b, :, slot], grid, class_token)
       ax = axes[b, j]
       _show(ax, 0.4 * image, patch_size)
-      ax.imshow(heat, extent=extent, cmap='inferno', alpha=0.85, vmin=0.0,
-                vmax=max(float(heat.max()), 1e-9), interpolation='nearest')
+      ax.imshow(heat, extent=extent, cmap='inferno', alpha=0.85, vmin=float(heat.min()),
+                vmax=max(float(heat.max()), float(heat.min()) + 1e-9), interpolation='nearest')
+      ax.text(0.03, 0.04, f'max {num_tokens * float(heat.max()):.1f}/S', color='white',
+              fontsize=6, transform=ax.transAxes)
       if b == 0:
         ax.set_title(f'slot {slot} (e{slot // per_expert})', fontsize=7)
     concentration = _patches(view['slot_combine'][b].max(-1), grid, class_token)
     ax = axes[b, -1]
     _show(ax, 0.4 * image, patch_size)
-    im = ax.imshow(concentration, extent=extent, cmap='viridis', vmin=0.0, vmax=1.0, alpha=0.85,
-                   interpolation='nearest')
+    im = ax.imshow(concentration, extent=extent, cmap='viridis', alpha=0.9, interpolation='nearest',
+                   norm=LogNorm(vmin=1.0 / total, vmax=1.0))
     if b == 0:
       ax.set_title('max combine', fontsize=7)
   fig.subplots_adjust(left=0.02, right=0.9, bottom=0.02, top=0.86, wspace=0.08, hspace=0.08)
   bar = fig.add_axes((0.92, 0.1, 0.015, 0.7))
   fig.colorbar(im, cax=bar).ax.tick_params(labelsize=6)
-  fig.suptitle(f'{name}: slot dispatch weights over the image (each panel scaled to its '
-               'maximum);\nper patch, its largest combine weight', fontsize=8)
+  bar.set_ylabel(f'largest combine weight (1/{total}: even over all slots)', fontsize=6)
+  fig.suptitle(f'{name}: each slot\'s dispatch weights over the image (each panel from its '
+               'smallest to its largest weight;\nS = tokens, 1/S = uniform); per patch, its '
+               'largest combine weight', fontsize=8)
   return Picture(f'{name}/soft_slots', png=figure_rgb(fig))
 
 

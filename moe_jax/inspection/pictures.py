@@ -72,12 +72,13 @@ def html_page(title: str, body: str) -> str:
 
 
 def expert_colors(num_experts: int) -> np.ndarray:
-  """[E, 3] RGB in [0, 1]: tab10 / tab20 for few experts, then evenly spaced hues at
-  alternating lightness (neighbouring experts stay distinguishable)."""
-  if num_experts <= 10:
-    return np.asarray(plt.get_cmap('tab10').colors[:num_experts])
-  if num_experts <= 20:
-    return np.asarray(plt.get_cmap('tab20').colors[:num_experts])
+  """[E, 3] RGB in [0, 1], the same in every picture: tab10 / tab20 without their greys
+  (grey means "no expert") for up to 18 experts, then evenly spaced hues at alternating
+  lightness (neighbouring experts stay distinguishable)."""
+  for name, greys in (('tab10', {7}), ('tab20', {14, 15})):
+    palette = [c for i, c in enumerate(plt.get_cmap(name).colors) if i not in greys]
+    if num_experts <= len(palette):
+      return np.asarray(palette[:num_experts])
   hues = np.arange(num_experts) / num_experts
   light = np.where(np.arange(num_experts) % 2, 0.42, 0.62)
   return np.stack([_hls_to_rgb(h, l, 0.75) for h, l in zip(hues, light)])
@@ -101,16 +102,21 @@ def figure_rgb(fig) -> np.ndarray:
 
 
 def expert_legend(fig, colors: np.ndarray, *, extra: list[tuple[str, tuple, str]] = (),
-                  max_items: int = 32, y: float = 0.0) -> None:
-  """A one-line legend of expert colours (+ extra (label, colour, marker) entries) along
-  the bottom of `fig`."""
+                  height: float = 0.05) -> None:
+  """Along the bottom of `fig`: a strip of the expert colours (ticks at up to 16 experts)
+  and a legend of the `extra` (label, colour, marker or None) entries beside it."""
   from matplotlib.lines import Line2D
   from matplotlib.patches import Patch
   e = len(colors)
-  shown = range(e) if e <= max_items else np.linspace(0, e - 1, max_items).round().astype(int)
-  handles = [Patch(color=colors[i], label=f'e{i}') for i in shown]
-  for label, color, marker in extra:
-    handles.append(Line2D([], [], color=color, marker=marker, linestyle='', label=label)
-                   if marker else Patch(color=color, label=label))
-  fig.legend(handles=handles, loc='lower center', ncol=min(len(handles), 12), fontsize=7,
-             frameon=False, bbox_to_anchor=(0.5, y), handlelength=1.0, columnspacing=0.8)
+  ax = fig.add_axes((0.08, 0.03, 0.5, height * 0.5))
+  ax.imshow(np.asarray(colors)[None], aspect='auto', extent=(-0.5, e - 0.5, 0, 1))
+  ticks = np.arange(e) if e <= 16 else np.linspace(0, e - 1, 9).round().astype(int)
+  ax.set_xticks(ticks, [f'e{i}' for i in ticks], fontsize=6)
+  ax.set_yticks([])
+  ax.tick_params(length=2, pad=1)
+  ax.set_title('expert', fontsize=7, pad=2)
+  handles = [Line2D([], [], color=color, marker=marker, linestyle='', label=label) if marker
+             else Patch(color=color, label=label) for label, color, marker in extra]
+  if handles:
+    fig.legend(handles=handles, loc='lower left', bbox_to_anchor=(0.62, 0.0), fontsize=7,
+               frameon=False, ncol=len(handles), handlelength=1.0)
