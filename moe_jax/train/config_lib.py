@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.count_flops = True
   # Routing pictures in TensorBoard at every evaluation: this many eval examples drawn
   # per MoE layer (patches / tokens coloured by expert, Soft MoE slots) and the load
-  # heat map; 0 turns them off (moe_jax/inspection).
+  # heat map; 0 turns them off (moe_jax/inspection). On a mesh only the heat map.
   c.routing_pictures = 2
   # A non-finite loss or gradient norm: 'stop' the run (exit status 3; the last
   # checkpoint is the last good state) or 'skip' the update and count it, stopping after
