@@ -8,10 +8,11 @@ with the uninterrupted run.
 1. The reference: the command trains uninterrupted in <workdir>/reference (its training
    time T, without start-up and compilation, sets the kill schedule).
 2. The chaos run in <workdir>/chaos: the same command, killed with SIGKILL `--kills`
-   times, each time at a random moment between 0 and 0.6·T after the restarted run logs
-   its first training step (each restart resumes from the newest checkpoint; kills land
-   between and during checkpoint writes); then the newest checkpoint is damaged (its
-   largest array file truncated to half) and the command runs to the end.
+   times, each time at a random moment between 0.1·T/N and 1.5·T/N after the restarted
+   run logs its first training step (N = --kills, so the kills spread over the whole run;
+   each restart resumes from the newest checkpoint; kills land between and during
+   checkpoint writes); then the newest checkpoint is damaged (its largest array file
+   truncated to half) and the command runs to the end.
 3. The report (<workdir>/chaos_report.json, printed): kills, how many landed while a
    checkpoint was being written (orbax's temporary directory present afterwards), the
    checkpoints the trainer found damaged and fell back from, and the largest difference
@@ -117,7 +118,7 @@ def main(argv=None):
       break
     before = _logged_lines(chaos)
     proc = subprocess.Popen(_cmd(args.config, chaos, extra), stdout=log, stderr=subprocess.STDOUT)
-    delay = rng.uniform(0.0, 0.6) * ref_time
+    delay = rng.uniform(0.1, 1.5) * ref_time / args.kills
     if not _wait_for_training(proc, chaos, before):
       statuses.append(proc.wait())                 # finished (or failed) before the kill
       break

@@ -30,10 +30,6 @@ SIZES = {'tiny': dict(steps=1500), 'small': dict(steps=500)}
 
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, router=('switch', ROUTERS), size=('tiny', tuple(SIZES)))
-  c = t5.base_config('causal_lm', a.size)
-  c.num_train_steps = SIZES[a.size]['steps']
-  c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c = t5.base_config('causal_lm', a.size, steps=SIZES[a.size]['steps'])
   t5.set_block_router(c.model.moe, a.router)
   return c

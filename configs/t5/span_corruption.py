@@ -24,7 +24,10 @@ tests/models (`moe_jax.models.t5.PRESETS`: t5_1_1_small/base, switch_base_128,
 tokens_choose_base, st_moe_base): `--config.model.size=...` does not load them; use
 `configs/t5/presets.py`.
 
-Result: see the README ("Language models"); `make demo-lm` runs `switch,tiny`.
+Result (`switch,tiny` = `make demo-lm`, 3000 steps, 2 CPU cores): validation negative log
+perplexity -4.132 (4.132 nats per target token, perplexity 62.3, token accuracy 30.8%);
+4.4 steps/s (4,140 target tokens/s) on a quiet machine. `small`: 0.92 steps/s, 700 steps
+(not trained to the end here).
 """
 from moe_jax.configs import t5
 from moe_jax.layers import ROUTERS as _REGISTRY
@@ -36,11 +39,7 @@ SIZES = {'tiny': dict(steps=3000), 'small': dict(steps=700)}
 
 def get_config(arg: str | None = None):
   a = config_lib.parse_arg(arg, router=('switch', ROUTERS), size=('tiny', tuple(SIZES)))
-  c = t5.base_config('span_corruption', a.size)
-  c.num_train_steps = SIZES[a.size]['steps']
-  c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c = t5.base_config('span_corruption', a.size, steps=SIZES[a.size]['steps'])
   t5.set_block_router(c.model.encoder_moe, a.router)
   decoder_router = a.router if a.router == 'dense' or _REGISTRY[a.router].causal else 'tokens_choice'
   t5.set_block_router(c.model.decoder_moe, decoder_router)

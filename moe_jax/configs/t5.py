@@ -62,9 +62,12 @@ def set_block_router(moe: ml_collections.ConfigDict, router: str, **kwargs) -> N
   moe.router_kwargs = ml_collections.ConfigDict({**LM_ROUTER_KWARGS.get(router, {}), **kwargs})
 
 
-def base_config(objective: str, size: str) -> ml_collections.ConfigDict:
-  """A dense T5-style model of `size` trained on `objective` over debian_docs."""
+def base_config(objective: str, size: str, steps: int = 1000) -> ml_collections.ConfigDict:
+  """A dense T5-style model of `size` trained on `objective` over debian_docs for `steps`
+  (logged every 50, evaluated and checkpointed every 500)."""
   c = config_lib.base_config()
+  c.update(num_train_steps=steps, log_every_steps=50, eval_every_steps=500,
+           checkpoint_every_steps=500)
   c.task = ml_collections.ConfigDict(dict(name=objective, z_loss=1e-4))
   c.data = data_config(objective)
   c.batch_size = 32

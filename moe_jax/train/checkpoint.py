@@ -17,6 +17,7 @@ not match the model's shapes is not damage but a changed config: `ShapeMismatch`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -65,9 +66,17 @@ def make_manager(workdir: str, *, every: int, keep: int) -> ocp.CheckpointManage
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, *, force: bool = False) -> bool:
-  """Offers step `step` to the manager (saved on its interval, on preemption, or when forced)."""
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 meta=ocp.args.JsonSave(meta)), force=force)
+  """Offers step `step` to the manager (saved on its interval, on preemption, or when forced).
+
+  The save is asynchronous: orbax serialises the JSON item later, in a background thread.
+  It gets a copy of `meta`, which the caller goes on changing (step, data position), so a
+  checkpoint's meta is always its own step's.
+  """
+  if not (force or mngr.should_save(step)):
+    return False
+  return mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
+      force=force)
 
 
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:

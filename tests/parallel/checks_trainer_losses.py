@@ -48,6 +48,10 @@ def _lm_check(objective, router):
                          eval_batch_size=8, eval_every_steps=STEPS,
                          **{'optimizer.warmup_steps': 1})
       c.mesh.data, c.mesh.expert = mesh
+      for moe in ('encoder_moe', 'decoder_moe', 'moe'):
+        if moe in c.model and c.model[moe].router == 'switch':
+          # Input jitter draws per-device noise under a mesh (by design): turn it off (T5X).
+          c.model[moe].router_kwargs.jitter_eps = 0.0
       res = train_and_evaluate(c, f'{tmp}/{mesh[0]}x{mesh[1]}')
       out[mesh] = ([loss for _, loss in res['train_loss']], res['final']['validation_loss'])
   (one, one_eval), (mesh, mesh_eval) = out[(1, 1)], out[(2, 4)]

@@ -89,3 +89,10 @@ def test_sample_generates_from_a_trained_workdir(tmp_path):
   assert ids2 == ids                                        # greedy: deterministic
   hot, _ = sample.sample(str(tmp_path / 'wd'), 'abc', max_new_tokens=6, temperature=1.0, seed=3)
   assert isinstance(hot, str)
+
+
+@pytest.mark.parametrize('preset', load_config_module('configs/t5/presets.py').PRESETS)
+def test_every_paper_preset_config_builds(preset):
+  c = load_config_module('configs/t5/presets.py').get_config(preset)
+  assert c.model.vocab_size == 32128 and c.data.inputs_length == 512
+  config_lib.validate(c)
