@@ -144,6 +144,9 @@ def run_all(exp: ml_collections.ConfigDict, runs: list[Run], root: str,
     t0 = time.time()
     execute(exp, run, run.workdir(root))
     spent += time.time() - t0
+  if todo:
+    print(f'{exp.name}: {len(runs)} of {len(runs)} runs done ({len(todo)} run now in '
+          f'{_duration(spent)})', flush=True)
   return before
 
 

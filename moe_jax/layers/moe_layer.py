@@ -22,7 +22,8 @@ numbers as on one device. Expert parallelism uses the layer through `router`,
 `experts`, `engine`, `num_experts`, `group_size` and `route_and_apply` only.
 
 `recording_moe_calls()` lists the MoE layer calls of a traced function (FLOP accounting
-under `jax.eval_shape`, for any model).
+under `jax.eval_shape`, for any model); `recording_routings()` collects every layer's
+`Routing` (the routing pictures of `moe_jax.inspection`).
 """
 from __future__ import annotations
 
@@ -69,12 +70,53 @@ def recording_moe_calls() -> Iterator[list[MoeCall]]:
   it in `jax.eval_shape`: routers with state (RNG counters, DeepSeek's counts) would
   keep tracers.
   """
-  calls: list[MoeCall] = []
-  _RECORDINGS.append(calls)
-  try:
+  with _recording(_RECORDINGS) as calls:
     yield calls
+
+
+@contextlib.contextmanager
+def _recording(active: list[list]) -> Iterator[list]:
+  """A fresh list, in `active` while the block runs (nested recordings each get all)."""
+  found: list = []
+  active.append(found)
+  try:
+    yield found
   finally:
-    _RECORDINGS[:] = [c for c in _RECORDINGS if c is not calls]
+    active[:] = [c for c in active if c is not found]
+
+
+class RoutingRecord(NamedTuple):
+  """One MoE layer call's routing, as `recording_routings` records it.
+
+  `routing` covers the layer's routing groups [G, S', ...]: with `group_size` the
+  batch's B·S tokens regrouped (and, where the router shuffles tokens, in the order
+  `perm` [G·S']: routed position p holds token perm[p] of the flattened batch).
+  """
+  name: str                   # the layer's `LayerContext.name` ('block_03'), or ''
+  routing: Any                # routing.Routing
+  perm: Array | None          # [G·S'] or None
+  batch_shape: tuple[int, int]   # (B, S) of the layer's input
+
+
+_ROUTING_RECORDINGS: list[list[RoutingRecord]] = []
+
+
+@contextlib.contextmanager
+def recording_routings() -> Iterator[list[RoutingRecord]]:
+  """While active, every single-device `MoeLayer` call appends a `RoutingRecord`.
+
+      def f(model, x):
+        with layers.recording_routings() as records:
+          model(x)
+        return {r.name: r.routing for r in records}     # Routing is a pytree
+      routings = nnx.jit(f)(model, x)
+
+  Recorded while the layer's Python code runs (eagerly or at trace time); the arrays
+  are the trace's values, so return them from the traced function. Expert-parallel
+  calls (under a mesh) record nothing: their routing lives inside `shard_map`.
+  """
+  with _recording(_ROUTING_RECORDINGS) as records:
+    yield records
 
 
 def _permute(a: Array, perm: Array) -> Array:
@@ -185,20 +227,27 @@ class MoeLayer(nnx.Module):
     if mesh is not None:
       y, aux = expert_parallel.moe_layer_apply(self, x, token_ids, mesh)
     else:
-      y, r = self.route_and_apply(x, token_ids, self.router, self.experts)
+      on_routing = None
+      if _ROUTING_RECORDINGS:
+        def on_routing(r, perm):
+          for records in _ROUTING_RECORDINGS:
+            records.append(RoutingRecord(self.context.name, r, perm, tuple(x.shape[:2])))
+      y, r = self.route_and_apply(x, token_ids, self.router, self.experts, on_routing=on_routing)
       aux = dict(losses=r.aux_losses, metrics=r.metrics)
     if self.shared_experts is not None:
       # Shared experts see every token and are replicated, so they stay outside shard_map.
       y = y + self._shared(x).astype(y.dtype)
     return y, aux
 
-  def route_and_apply(self, x: Array, token_ids: Array | None, router, expert_fn):
+  def route_and_apply(self, x: Array, token_ids: Array | None, router, expert_fn, *,
+                      on_routing=None):
     """Routes and runs experts: x [B, S, d] -> (y [B, S, d], Routing).
 
     Shared by the single-device path and, on each device's examples, the expert-parallel
     one, which passes its copy of `router` and, as `expert_fn`, what runs the experts:
     an `[E, N, d] -> [E, N, d]` function with the all_to_alls around it for buffer
-    engines, a `parallel.expert_parallel.LocalExperts` for row engines.
+    engines, a `parallel.expert_parallel.LocalExperts` for row engines. `on_routing(r,
+    perm)` (optional) sees the Routing and the token permutation (None: no shuffle).
     """
     xg = self._group(x)
     ids = None if token_ids is None else self._group(token_ids)
@@ -206,6 +255,8 @@ class MoeLayer(nnx.Module):
     if perm is not None:
       xg, ids = _permute(xg, perm), (None if ids is None else _permute(ids, perm))
     r = router(xg, token_ids=ids)
+    if on_routing is not None:
+      on_routing(r, perm)
     y = self.engine.apply(xg, r, expert_fn)
     if perm is not None:
       y = _permute(y, jnp.argsort(perm))

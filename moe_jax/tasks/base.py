@@ -10,6 +10,7 @@ are their negation), the eval metrics and the headline number a run reports.
     loss, per_example, metrics = task.loss(logits, batch)        # inside jit
     sums = task.eval_sums(logits, batch)                         # inside jit
     results = task.eval_metrics(summed)                          # on the host
+    pictures = task.routing_pictures(batch, views, num_examples=2)   # on the host
 
 Batches are dicts of numpy arrays holding this process's rows. `eval_sums` returns
 sums over the batch (the trainer adds them over batches); the key 'weight' is the
@@ -86,6 +87,18 @@ class Task:
   def results_info(self) -> dict:
     """Extra entries for results.json (e.g. the tokenizer and its checksum)."""
     return {}
+
+  def routing_pictures(self, batch: dict, views: dict, *, num_examples: int) -> list:
+    """Pictures of where this batch's tokens went: `inspection.pictures.Picture`s.
+
+    Args:
+      batch: a host batch (numpy), e.g. the first eval batch.
+      views: {layer name: `inspection.views.token_view`} of the batch's first B' rows
+        (arrays [B', S, ...]).
+      num_examples: how many examples to draw (tables may use all B' rows).
+    Default: none.
+    """
+    return []
 
   @classmethod
   def headline_text(cls, results: dict) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from moe_jax.data.images import ImageData
@@ -66,3 +67,15 @@ class ImageClassification(Task):
 
   def final_metrics(self, last_eval: dict) -> dict[str, float]:
     return {'test_accuracy': last_eval['eval/accuracy'], 'test_loss': last_eval['eval/loss']}
+
+  def routing_pictures(self, batch: dict, views: dict, *, num_examples: int) -> list:
+    """Patches coloured by expert per MoE layer; Soft MoE slot heat maps
+    (`inspection.images`). The patch grid comes from the ViT's config."""
+    from moe_jax.inspection import images   # matplotlib: only when pictures are drawn
+    if not views:
+      return []
+    n = min([num_examples, len(batch['image'])] + [len(v['weight']) for v in views.values()])
+    views = {name: {k: a[:n] for k, a in v.items()} for name, v in views.items()}
+    return images.image_pictures(np.asarray(batch['image'][:n]), views,
+                                 patch_size=self.config.model.patch_size,
+                                 class_token=self.config.model.get('pool', 'gap') == 'token')

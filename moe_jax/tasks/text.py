@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from moe_jax.errors import ConfigError
@@ -40,8 +41,12 @@ def token_losses(logits, targets, weights, z_loss: float = 0.0):
 
 
 class TextTask(Task):
-  """Shared by the two objectives; subclasses set `objective` and `model_inputs`."""
+  """Shared by the two objectives; subclasses set `objective`, `model_inputs` and
+  `stack_inputs`."""
   objective = ''
+  # stack name (prefix of its MoE layers' names) -> (batch key of the token ids its MoE
+  # layers see, batch key of their segment ids); for the routing pictures.
+  stack_inputs: dict[str, tuple[str, str]] = {}
   headline = ('neg_log_perplexity', 'validation neg log perplexity')
 
   @classmethod
@@ -93,12 +98,27 @@ class TextTask(Task):
   def results_info(self) -> dict:
     return {'tokenizer': dict(self.data.tokenizer_info)} if self.data is not None else {}
 
+  def routing_pictures(self, batch: dict, views: dict, *, num_examples: int) -> list:
+    """Tokens coloured by expert and each expert's most frequent tokens, per MoE layer
+    (`inspection.text`); the table counts every row of `views`. Decoder inputs show the
+    start id 0 as '<start>'."""
+    from moe_jax.inspection import text   # matplotlib: only when pictures are drawn
+    if not views:
+      return []
+    rows = min(len(v['weight']) for v in views.values())
+    stacks = {name: (np.asarray(batch[ids][:rows]), np.asarray(batch[seg][:rows]) > 0)
+              for name, (ids, seg) in self.stack_inputs.items()}
+    tokenizer = self.data.tokenizer
+    piece = lambda i: '<start>' if i == 0 else tokenizer.piece(i)
+    return text.text_pictures(stacks, views, piece, num_examples=num_examples)
+
 
 class CausalLm(TextTask):
   """Next-token prediction with a decoder; batch 'tokens', 'targets', 'segment_ids',
   'positions', 'weights', each [B, L]."""
   name = 'causal_lm'
   objective = 'causal_lm'
+  stack_inputs = {'decoder': ('tokens', 'segment_ids')}
 
   def model_inputs(self, batch: dict) -> dict:
     return {'tokens': batch['tokens'], 'segment_ids': batch['segment_ids'],
@@ -111,6 +131,8 @@ class SpanCorruption(TextTask):
   'weights' [B, Lt]."""
   name = 'span_corruption'
   objective = 'span_corruption'
+  stack_inputs = {'encoder': ('inputs', 'input_segment_ids'),
+                  'decoder': ('decoder_inputs', 'target_segment_ids')}
 
   def model_inputs(self, batch: dict) -> dict:
     return {'inputs': batch['inputs'], 'decoder_inputs': batch['decoder_inputs'],

@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.count_flops = True
+  # Routing pictures in TensorBoard at every evaluation: this many eval examples drawn
+  # per MoE layer (patches / tokens coloured by expert, Soft MoE slots) and the load
+  # heat map; 0 turns them off (moe_jax/inspection). On a mesh only the heat map.
+  c.routing_pictures = 2
   # A non-finite loss or gradient norm: 'stop' the run (exit status 3; the last
   # checkpoint is the last good state) or 'skip' the update and count it, stopping after
   # max_skipped_steps skips (see train/divergence.py).
@@ -132,6 +136,9 @@ def validate_trainer_fields(c: ml_collections.ConfigDict) -> None:
   need(c.get('on_nonfinite', 'stop') in ('stop', 'skip'), 'on_nonfinite',
        f"must be 'stop' or 'skip', got {c.get('on_nonfinite')!r}.")
   need(c.get('max_skipped_steps', 0) >= 0, 'max_skipped_steps', 'must be >= 0.')
+  pictures = c.get('routing_pictures', 0)
+  need(isinstance(pictures, int) and pictures >= 0, 'routing_pictures',
+       f'must be an int >= 0 (examples drawn at each evaluation), got {pictures!r}.')
   need(c.optimizer.learning_rate > 0, 'optimizer.learning_rate', 'must be > 0.')
   need(0 <= c.optimizer.warmup_steps < c.num_train_steps, 'optimizer.warmup_steps',
        f'must be in [0, num_train_steps={c.num_train_steps}), got {c.optimizer.warmup_steps}; '

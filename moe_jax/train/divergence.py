@@ -8,7 +8,7 @@ trainers skip a bad batch) and counts it, stopping after `config.max_skipped_ste
 """
 from __future__ import annotations
 
-import math
+import numpy as np
 
 ACTIONS = ('stop', 'skip')
 
@@ -22,7 +22,9 @@ class DivergenceError(RuntimeError):
 
 
 def _bad(v) -> bool:
-  return not math.isfinite(float(v))
+  """Whether a metric (a scalar, or a vector such as a layer's expert load) has a
+  non-finite entry."""
+  return not bool(np.all(np.isfinite(np.asarray(v, np.float64))))
 
 
 def first_nonfinite_term(metrics: dict) -> str:

@@ -16,7 +16,7 @@ from moe_jax.errors import ConfigError
 
 OPERATIONAL = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints', 'count_flops', 'eval_batch_size', 'mesh', 'data.data_dir',
-               'data.idx_dir', 'data.download')
+               'data.idx_dir', 'data.download', 'routing_pictures')
 
 
 def flatten(d: dict, prefix: str = '') -> dict:

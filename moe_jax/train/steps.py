@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from moe_jax import layers
+from moe_jax.inspection import views as routing_views_lib
 
 Array = jax.Array
 
@@ -76,6 +77,17 @@ def routing_scalars(aux: dict) -> dict[str, Array]:
   return out
 
 
+def routing_vectors(aux: dict) -> dict[str, Array]:
+  """Each MoE layer's full load vector, 'routing/<layer>/expert_load' [E] (sums to 1).
+
+  The trainer logs them as TensorBoard histograms and lists in metrics.jsonl; the
+  scalars of `routing_scalars` are their max, min and CV.
+  """
+  return {f'routing/{layer}/expert_load': jnp.asarray(a['metrics']['expert_load'], jnp.float32)
+          for layer, a in aux.items()
+          if jnp.ndim(a['metrics'].get('expert_load', 0.0)) == 1}
+
+
 def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Callable, task, *,
                     donate: bool = True, skip_nonfinite: bool = False):
   """Returns jitted `(state, batch) -> (state, metrics)` for state = nnx.state((model, optimizer)).
@@ -114,6 +126,7 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
                    learning_rate=lr, nonfinite=1.0 - finite.astype(jnp.float32),
                    **terms['task_metrics'])
     metrics.update(routing_scalars(aux))
+    metrics.update(routing_vectors(aux))
     new_state = nnx.state((model, optimizer))
     if skip_nonfinite:
       leaves, treedef = jax.tree.flatten(new_state)
@@ -124,20 +137,27 @@ def make_train_step(model: nnx.Module, optimizer: nnx.Optimizer, schedule: Calla
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model: nnx.Module, task):
+def make_eval_step(model: nnx.Module, task, *, picture_examples: int = 0):
   """Returns jitted `(model_state, batch) -> sums` in eval mode (calls `model.eval()`).
 
-  The task's sums plus each routing scalar times the batch's 'weight', so that their
-  sum over batches divided by the total weight is the weighted mean.
+  The task's sums plus each routing scalar and load vector times the batch's 'weight',
+  so that their sum over batches divided by the total weight is the weighted mean.
+  With `picture_examples` > 0 the output also holds 'routing_views': every MoE layer's
+  `inspection.views.token_view` of the batch's first examples (for the routing
+  pictures; not a sum), {} under expert parallelism.
   """
   model.eval()
   graphdef = nnx.graphdef(model)
 
   def eval_step(model_state, batch):
     m = nnx.merge(graphdef, model_state)
-    logits, aux = m(**task.model_inputs(batch))
+    with layers.recording_routings() as records:
+      logits, aux = m(**task.model_inputs(batch))
     out = task.eval_sums(logits, batch)
-    out.update({k: v * out['weight'] for k, v in routing_scalars(aux).items()})
+    routing = {**routing_scalars(aux), **routing_vectors(aux)}
+    out.update({k: v * out['weight'] for k, v in routing.items()})
+    if picture_examples:
+      out['routing_views'] = routing_views_lib.token_views(records, picture_examples)
     return out
 
   return jax.jit(eval_step)

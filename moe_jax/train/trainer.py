@@ -7,6 +7,11 @@
     MoE formula -> FLOPs) -> loop: step, log, evaluate, check for non-finite steps,
     checkpoint -> final evaluation -> <workdir>/results.json
 
+Logged: scalars (TensorBoard, metrics.jsonl), every MoE layer's expert-load vector
+(TensorBoard histograms, lists in metrics.jsonl) and, at every evaluation, the routing
+pictures of `config.routing_pictures` eval examples (`Task.routing_pictures`) with the
+load heat map (TensorBoard images 'routing/...').
+
 A run resumes from its workdir's newest intact checkpoint with the data position
 restored (batches are a function of (seed, step)), so an interrupted run continues
 exactly as the uninterrupted one would. SIGTERM / Ctrl-C save a checkpoint and stop
@@ -27,6 +32,7 @@ import platform
 import resource
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -108,17 +114,57 @@ def restore_or_init(mngr, state, config, workdir: str, *, strict: bool = False,
   return state, None
 
 
-def evaluate(eval_step, model_state, task, mesh=None) -> dict[str, float]:
+class Evaluation(NamedTuple):
+  """One evaluation: scalars, load vectors, and what the routing pictures are drawn from."""
+  metrics: dict[str, float]        # the task's 'eval/...' + 'eval/routing/...' scalars
+  vectors: dict[str, np.ndarray]   # 'eval/routing/<layer>/expert_load' [E]
+  batch: dict | None               # the first eval batch (host)
+  views: dict                      # its first examples' routing views ({} if not asked)
+
+
+def evaluate(eval_step, model_state, task, mesh=None) -> Evaluation:
   """The task's metrics over its whole eval set (+ routing metrics in eval mode)."""
-  sums = None
+  sums, first, views = None, None, {}
   for batch in task.eval_batches():
     out = eval_step(model_state, device_mesh.put_batch(mesh, batch))
+    batch_views = out.pop('routing_views', None)
+    if first is None:
+      first, views = batch, batch_views or {}
     sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   sums = jax.device_get(sums)
   res = task.eval_metrics(sums)
   n = float(sums['weight'])
-  res.update({f'eval/{k}': float(v) / n for k, v in sums.items() if k.startswith('routing/')})
-  return res
+  vectors = {}
+  for k, v in sums.items():
+    if k.startswith('routing/'):
+      if np.ndim(v):
+        vectors[f'eval/{k}'] = np.asarray(v, np.float64) / n
+      else:
+        res[f'eval/{k}'] = float(v) / n
+  return Evaluation(res, vectors, first, jax.device_get(views))
+
+
+def _split_vectors(metrics: dict) -> tuple[dict, dict]:
+  """(scalars, vectors): vectors (expert load) go to histograms, not scalar summaries."""
+  vectors = {k: v for k, v in metrics.items() if np.ndim(v)}
+  return {k: v for k, v in metrics.items() if k not in vectors}, vectors
+
+
+def _routing_pictures(writer, workdir: str, step: int, task, ev: Evaluation, examples: int):
+  """The task's routing pictures of the first eval examples and the train load heat map,
+  as TensorBoard images 'routing/<name>'. A failure is logged; training goes on."""
+  from moe_jax.inspection import load   # matplotlib: only when pictures are drawn
+  try:
+    pictures = task.routing_pictures(ev.batch, ev.views, num_examples=examples) if ev.views else []
+    writer.flush()                      # metrics.jsonl complete up to this step
+    heat = load.load_picture(writers.read_jsonl(workdir), 'train')
+    pictures += [heat] if heat is not None else []
+  except Exception:  # noqa: BLE001  (a picture must never stop a run)
+    logging.exception('Routing pictures at step %d failed; training continues.', step)
+    return
+  images = {f'routing/{p.name}': p.png[None] for p in pictures if p.png is not None}
+  if images:
+    writer.write_images(step, images)
 
 
 def _mean_metrics(window: list, seconds: float) -> dict[str, float]:
@@ -128,6 +174,8 @@ def _mean_metrics(window: list, seconds: float) -> dict[str, float]:
   for k in host[0]:
     if k.startswith('count/'):
       out[f'throughput/{k[6:]}_per_s'] = float(np.sum([m[k] for m in host])) / max(seconds, 1e-9)
+    elif np.ndim(host[0][k]):     # a vector (expert load): the mean of each entry
+      out[f'train/{k}'] = np.mean(np.asarray([m[k] for m in host], np.float64), axis=0)
     else:
       out[f'train/{k}'] = float(np.mean([m[k] for m in host]))
   return out
@@ -215,7 +263,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore, all
   device_mesh.place_state(mesh, model, optimizer)
   train_step = steps.make_train_step(model, optimizer, schedule, task,
                                      skip_nonfinite=config.on_nonfinite == 'skip')
-  eval_step = steps.make_eval_step(model, task)
+  eval_step = steps.make_eval_step(model, task, picture_examples=config.get('routing_pictures', 0))
 
   os.makedirs(workdir, exist_ok=True)          # everything above is checked: now create
   mngr = checkpoint.make_manager(workdir, every=config.checkpoint_every_steps,
@@ -298,22 +346,33 @@ def _train_and_evaluate(config, workdir, stop_at_step, mesh, strict_restore, all
           window = jax.device_get(window)
         if log_now:
           means = _mean_metrics(window, window_time)
-          writer.write_scalars(step, means)
+          scalars, vectors = _split_vectors(means)
+          writer.write_scalars(step, scalars)
+          if vectors:
+            writer.write_histograms(step, vectors)
           # Every process holds the (replicated) loss: results.json of any process has it.
           meta.setdefault('train_loss', []).append([step, means['train/loss']])
           window, window_time = [], 0.0
         if save_now or log_now:
-          meta['log_window'] = [[s, {k: float(v) for k, v in m.items()}] for s, m in window]
+          meta['log_window'] = [[s, {k: np.asarray(v).tolist() for k, v in m.items()}]
+                                for s, m in window]
           meta['log_window_time'] = window_time
         for h in hooks:
           h(step)
         if eval_now:
           with report.timed('eval'):
-            ev = evaluate(eval_step, state[0], task, mesh)
+            evaluation = evaluate(eval_step, state[0], task, mesh)
+          ev = dict(evaluation.metrics)
           ev['time/train_s'] = meta['train_time_s'] + train_time
           ev['time/process_cpu_s'] = _cpu_seconds()
           writer.write_scalars(step, ev)
+          if evaluation.vectors:
+            writer.write_histograms(step, evaluation.vectors)
           meta['eval'].append({'step': step, **ev})
+          pictures = config.get('routing_pictures', 0)
+          if pictures and jax.process_index() == 0:
+            with report.timed('pictures'):
+              _routing_pictures(writer, workdir, step, task, evaluation, pictures)
         meta.update(step=step, data=task.position(step), skipped_steps=skipped)
         meta['train_time_s'] += train_time
         meta['wall_time_s'] += time.time() - session_start

@@ -1,9 +1,11 @@
 """Metric writers: clu's defaults (logs + TensorBoard event files) plus a JSON-lines file.
 
 `metrics.jsonl` holds one `{"step": s, "name": value, ...}` object per write, which the
-plotting scripts and the sweep runner read without TensorBoard. On resume
-`truncate_jsonl` drops the lines after the restored step, so the file never holds
-two values for one step.
+plotting scripts and the sweep runner read without TensorBoard: scalars, and, from
+`write_histograms`, vectors as lists (each MoE layer's expert load,
+'train/routing/<layer>/expert_load'). TensorBoard gets the vectors as histograms and
+the routing pictures as images; the log shows neither. On resume `truncate_jsonl` drops
+the lines after the restored step, so the file never holds two values for one step.
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
   def write_histograms(self, step, arrays, num_buckets=None):
-    pass
+    self._append({'step': int(step),
+                  **{k: np.asarray(v, np.float64).tolist() for k, v in arrays.items()}})
 
   def flush(self):
     pass
@@ -61,11 +64,22 @@ class JsonlWriter(interface.MetricWriter):
     pass
 
 
+class _LoggingWriter(metric_writers.LoggingWriter):
+  """clu's LoggingWriter without histograms and images (TensorBoard and metrics.jsonl
+  hold them; in the log they are noise)."""
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+
 def create_writer(workdir: str) -> interface.MetricWriter:
   """Logging + TensorBoard (+ JSONL) on process 0, logging only elsewhere."""
   if jax.process_index() > 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(),
+    return metric_writers.AsyncMultiWriter([_LoggingWriter()])
+  return metric_writers.AsyncMultiWriter([_LoggingWriter(),
                                           metric_writers.SummaryWriter(workdir),
                                           JsonlWriter(workdir)])
 
