@@ -18,7 +18,10 @@ every token a target). Model: tiny d 128, 4 blocks, 4 heads, GEGLU d_ff 512 (sma
 z-loss 1e-4; MoE every other block, 8 experts. AdamW 3e-3, 100 warmup steps, cosine,
 batch 32.
 
-Result: see the README ("Language models").
+Result (`switch,tiny`, 1500 steps, 2 CPU cores): validation negative log perplexity -3.910
+(3.910 nats per token, perplexity 49.9, token accuracy 29.2%; -4.527 at step 500, -4.048
+at 1000); 819 s of training at 1.83 steps/s while other jobs shared the machine (2.07
+steps/s, 8,450 tokens/s, alone).
 """
 from moe_jax.configs import t5
 from moe_jax.layers import ROUTERS as _REGISTRY
