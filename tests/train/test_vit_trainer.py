@@ -189,8 +189,9 @@ def test_a_signal_sets_the_stop_flag_and_says_which():
   import signal
   from moe_jax.train.trainer import _StopFlag
   with _StopFlag() as flag:
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)     # delivered at once, in this thread
     assert flag.stop and flag.signal == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is not flag._handle   # the old handler is back
 
 
 def test_hash_router_with_patch_content_ids_trains_in_the_vit():
