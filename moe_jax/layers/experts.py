@@ -89,22 +89,22 @@ class Experts(nnx.Module):
     return y
 
   def apply_grouped(self, params: dict, x: Array, group_sizes: Array, *, impl: str = 'auto',
-                    tile: int | None = None) -> Array:
+                    tile: int | None = None, min_tile: int | None = None) -> Array:
     """The MLP on rows grouped by expert (dropless engine); see `engines.grouped`.
 
     Args:
       params: as in `apply_weights` (leading axis E).
-      x: [L, d] rows grouped by expert in the layout of `impl` (contiguous for
-        'ragged', tile-aligned blocks for 'blocks').
+      x: [L, d] rows grouped by expert, contiguous (expert e owns the
+        `group_sizes[e]` rows after those of experts < e).
       group_sizes: [E] int32 rows per expert.
-      impl, tile: see `engines.grouped.grouped_mlp`.
+      impl, tile, min_tile: see `engines.grouped.grouped_mlp`.
     Returns:
       [L, d] in the compute dtype.
     """
     dtype = self.dtype or x.dtype
     p = {n: v.astype(dtype) for n, v in params.items() if v is not None}
     return grouped_mlp(p, x.astype(dtype), group_sizes, activation=self.activation, glu=self.glu,
-                       impl=impl, tile=tile)
+                       impl=impl, tile=tile, min_tile=min_tile)
 
   def params_dict(self) -> dict:
     """{name: array} of the parameters present ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')."""
