@@ -300,3 +300,25 @@ def test_errors_are_clear():
                         jnp.zeros((10, 3)), jnp.array([4, 6]), impl='blocks', tile=6)
   with pytest.raises(ValueError, match='min_tile must be a power of two'):
     engines.DroplessEngine(min_tile=3)
+
+
+def test_bfloat16_engines_agree_with_float32_to_bf16_precision(x):
+  """bf16 experts (matmuls accumulated in float32 on CPU) give the float32 layer's
+  outputs and gradients to bf16 precision, on every engine."""
+  def run(dtype, engine):
+    layer = make_layer('tokens_choice', dict(k=2, capacity_factor=float(E)))
+    layer.experts.dtype = dtype
+    layer.engine = engines.get_engine(engine)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params, x):
+      y, _ = nnx.merge(graphdef, params, rest)(x)
+      return jnp.sum(y.astype(jnp.float32) * jnp.cos(x))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+  want = run(None, 'einsum')
+  for engine in engines.ENGINES:
+    got = run(jnp.bfloat16, engine)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      scale = float(jnp.max(jnp.abs(b))) + 1e-6
+      assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 3e-2 * scale, engine

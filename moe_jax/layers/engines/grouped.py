@@ -155,16 +155,19 @@ def _block_mlp(tile: int, min_tile: int, activation: str, glu: bool):
       return y, h_all, g_all
 
     def per_expert(e, carry):
-      pe = {k: v[e] for k, v in p.items()}
+      pe = {k: v[e].astype(x.dtype) for k, v in p.items()}
       start = offsets[e]
       nfull, pos, rest, cls = _split(tile, min_tile, start, sizes[e])
       carry = _remainder(cls, heights, lambda h, c: body(pe, h, pos, rest, c), carry)
       return jax.lax.fori_loop(0, nfull, lambda b, c: body(pe, tile, start + b * tile, None, c),
                                carry)
 
-    zeros = lambda n: _varying_like(jnp.zeros((length, n), x.dtype), p, x)
+    # The loop's buffers are float32, as the matmuls return them: XLA:CPU converts
+    # f32 -> bf16 slowly, and a converting update of a bf16 buffer is not in place.
+    zeros = lambda n: _varying_like(jnp.zeros((length, n), jnp.float32), p, x)
     carry = (zeros(p['w_out'].shape[-1]), zeros(hidden), zeros(hidden) if glu else None)
-    return jax.lax.fori_loop(0, sizes.shape[0], per_expert, carry)
+    y, h_all, g_all = jax.lax.fori_loop(0, sizes.shape[0], per_expert, carry)
+    return y.astype(x.dtype), h_all, g_all
 
   @jax.custom_vjp
   def mlp(p, x, sizes):
@@ -196,24 +199,24 @@ def _block_mlp(tile: int, min_tile: int, activation: str, glu: bool):
         a, act_vjp = jax.vjp(act, h)
       upd = {'w_out': _mm(a.astype(cd).T, dyb)}
       da = _mm(dyb, pe['w_out'].T)
+      dh32 = da * ga if glu else act_vjp(da)[0]
+      dh = dh32.astype(cd)
       if glu:
-        dh = (da * ga).astype(cd)
         dgate = gate_vjp(da * h)[0].astype(cd)
         upd['w_gate'] = _mm(xb.T, dgate)
         dxb = _mm(dh, pe['w_in'].T) + _mm(dgate, pe['w_gate'].T)
       else:
-        dh = act_vjp(da)[0].astype(cd)
         dxb = _mm(dh, pe['w_in'].T)
       upd['w_in'] = _mm(xb.T, dh)
       if 'b_in' in pe:
-        upd['b_in'] = jnp.sum(dh.astype(jnp.float32), axis=0)
+        upd['b_in'] = jnp.sum(dh32, axis=0)
       if 'b_out' in pe:
-        upd['b_out'] = jnp.sum(dyb.astype(jnp.float32), axis=0)
+        upd['b_out'] = jnp.sum(dyb, axis=0, dtype=jnp.float32)
       upd = {k: upd[k].astype(acc_dtype(pe[k])) for k in pe}
       return _write(dx, dxb, first, mask), upd
 
     def per_expert(e, carry):
-      pe = {k: v[e] for k, v in p.items()}
+      pe = {k: v[e].astype(x.dtype) for k, v in p.items()}
       start, n = offsets[e], sizes[e]
       nfull, pos, rest, cls = _split(tile, min_tile, start, n)
 
@@ -244,9 +247,10 @@ def _block_mlp(tile: int, min_tile: int, activation: str, glu: bool):
       return jax.lax.cond(n == 0, no_rows, lambda c: c, carry)
 
     grads0 = {k: _varying_like(jnp.zeros(v.shape, acc_dtype(v)), p, x, dy) for k, v in p.items()}
-    dx0 = _varying_like(jnp.zeros_like(x), p, x, dy)
+    dx0 = _varying_like(jnp.zeros(x.shape, jnp.float32), p, x, dy)
     dx, grads = jax.lax.fori_loop(0, sizes.shape[0], per_expert, (dx0, grads0))
-    return ({k: _sum_to(grads[k].astype(p[k].dtype), p[k]) for k in grads}, _sum_to(dx, x), None)
+    return ({k: _sum_to(grads[k].astype(p[k].dtype), p[k]) for k in grads},
+            _sum_to(dx.astype(x.dtype), x), None)
 
   mlp.defvjp(mlp_fwd, mlp_bwd)
   return mlp
@@ -274,7 +278,8 @@ def grouped_mlp(params: dict, x: Array, group_sizes: Array, *, activation: str =
 
   Args:
     params: 'w_in' [E, d, h], 'w_out' [E, h, d], optional 'w_gate' [E, d, h] (GLU),
-      'b_in' [E, h], 'b_out' [E, d]; already in the compute dtype.
+      'b_in' [E, h], 'b_out' [E, d]; the matmuls run in x's dtype ('blocks' casts
+      each expert's slice, so bf16 experts keep float32 weights and gradients).
     x: [L, d] rows grouped by expert: expert e owns the `group_sizes[e]` rows after
       those of experts < e; rows past Σ group_sizes are ignored.
     group_sizes: [E] int32 rows per expert.
@@ -295,7 +300,8 @@ def grouped_mlp(params: dict, x: Array, group_sizes: Array, *, activation: str =
   if glu != ('w_gate' in p):
     raise ValueError(f'glu={glu} but params {"have" if "w_gate" in p else "lack"} w_gate.')
   if impl == 'ragged':
-    return _ragged_mlp(p, x, group_sizes, activation, glu)
+    return _ragged_mlp({k: v.astype(x.dtype) for k, v in p.items()}, x, group_sizes,
+                       activation, glu)
   auto_tile, auto_min = default_tiles(x.shape[0], group_sizes.shape[0])
   tile, min_tile = int(tile or auto_tile), int(min_tile or auto_min)
   if tile < 1 or min_tile < 1 or tile & (tile - 1) or min_tile & (min_tile - 1):
