@@ -164,7 +164,7 @@ def _block_mlp(tile: int, min_tile: int, activation: str, glu: bool):
 
     # The loop's buffers are float32, as the matmuls return them: XLA:CPU converts
     # f32 -> bf16 slowly, and a converting update of a bf16 buffer is not in place.
-    zeros = lambda n: _varying_like(jnp.zeros((length, n), jnp.float32), p, x)
+    zeros = lambda n: _varying_like(jnp.zeros((length, n), jnp.float32), p, x, sizes)
     carry = (zeros(p['w_out'].shape[-1]), zeros(hidden), zeros(hidden) if glu else None)
     y, h_all, g_all = jax.lax.fori_loop(0, sizes.shape[0], per_expert, carry)
     return y.astype(x.dtype), h_all, g_all
@@ -246,8 +246,9 @@ def _block_mlp(tile: int, min_tile: int, activation: str, glu: bool):
                                             for k, v in pe.items()}, False))
       return jax.lax.cond(n == 0, no_rows, lambda c: c, carry)
 
-    grads0 = {k: _varying_like(jnp.zeros(v.shape, acc_dtype(v)), p, x, dy) for k, v in p.items()}
-    dx0 = _varying_like(jnp.zeros(x.shape, jnp.float32), p, x, dy)
+    grads0 = {k: _varying_like(jnp.zeros(v.shape, acc_dtype(v)), p, x, dy, sizes)
+              for k, v in p.items()}
+    dx0 = _varying_like(jnp.zeros(x.shape, jnp.float32), p, x, dy, sizes)
     dx, grads = jax.lax.fori_loop(0, sizes.shape[0], per_expert, (dx0, grads0))
     return ({k: _sum_to(grads[k].astype(p[k].dtype), p[k]) for k in grads},
             _sum_to(dx.astype(x.dtype), x), None)
