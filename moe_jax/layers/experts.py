@@ -76,35 +76,40 @@ class Experts(nnx.Module):
     dtype = self.dtype or x.dtype
     act = ACTIVATIONS[self.activation]
     x = x.astype(dtype)
-    h = jnp.einsum('end,edh->enh', x, params['w_in'].astype(dtype))
+    # On CPU a bf16 matmul accumulates and returns float32: XLA:CPU runs that natively,
+    # but turns a bf16 -> bf16 matmul into a float32 one with conversion passes over
+    # both operands. Elsewhere (GPU, TPU) the matmuls stay in the compute dtype.
+    acc = jnp.float32 if jax.default_backend() == 'cpu' else None
+    mm = lambda eq, a, w: jnp.einsum(eq, a, w.astype(dtype), preferred_element_type=acc)
+    h = mm('end,edh->enh', x, params['w_in'])
     if params.get('b_in') is not None:
       h = h + params['b_in'].astype(dtype)[:, None, :]
     if params.get('w_gate') is not None:
-      h = act(jnp.einsum('end,edh->enh', x, params['w_gate'].astype(dtype))) * h
+      h = act(mm('end,edh->enh', x, params['w_gate'])) * h
     else:
       h = act(h)
-    y = jnp.einsum('enh,ehd->end', h, params['w_out'].astype(dtype))
+    y = mm('enh,ehd->end', h.astype(dtype), params['w_out'])
     if params.get('b_out') is not None:
       y = y + params['b_out'].astype(dtype)[:, None, :]
-    return y
+    return y.astype(dtype)
 
   def apply_grouped(self, params: dict, x: Array, group_sizes: Array, *, impl: str = 'auto',
-                    tile: int | None = None) -> Array:
+                    tile: int | None = None, min_tile: int | None = None) -> Array:
     """The MLP on rows grouped by expert (dropless engine); see `engines.grouped`.
 
     Args:
       params: as in `apply_weights` (leading axis E).
-      x: [L, d] rows grouped by expert in the layout of `impl` (contiguous for
-        'ragged', tile-aligned blocks for 'blocks').
+      x: [L, d] rows grouped by expert, contiguous (expert e owns the
+        `group_sizes[e]` rows after those of experts < e).
       group_sizes: [E] int32 rows per expert.
-      impl, tile: see `engines.grouped.grouped_mlp`.
+      impl, tile, min_tile: see `engines.grouped.grouped_mlp`.
     Returns:
       [L, d] in the compute dtype.
     """
     dtype = self.dtype or x.dtype
-    p = {n: v.astype(dtype) for n, v in params.items() if v is not None}
+    p = {n: v for n, v in params.items() if v is not None}     # cast by grouped_mlp
     return grouped_mlp(p, x.astype(dtype), group_sizes, activation=self.activation, glu=self.glu,
-                       impl=impl, tile=tile)
+                       impl=impl, tile=tile, min_tile=min_tile)
 
   def params_dict(self) -> dict:
     """{name: array} of the parameters present ('w_in', 'w_gate', 'w_out', 'b_in', 'b_out')."""

@@ -52,16 +52,29 @@ def sparse_metrics(slot_token: Array, num_tokens: int, router_probs: Array,
               router_entropy=entropy(router_probs))
 
 
-def dense_metrics(dispatch: Array, router_probs: Array) -> dict[str, Array]:
+def dense_metrics(dispatch: Array, router_probs: Array,
+                  router_logits: Array | None = None) -> dict[str, Array]:
   """Metrics of a dense (Soft MoE style) routing: nothing dropped, nothing unrouted.
 
   Args:
     dispatch: [G, S, E, C] dispatch weights.
     router_probs: [G, S, E'] a distribution per token for the entropy (Soft MoE: the
       combine weights over all E·P slots).
+    router_logits: [G, S, E'] optional logits with `router_probs = softmax(logits)`: the
+      entropy is then `logsumexp(l) - Σ p·l`, with one log per token instead of one per
+      probability.
   """
-  mass = jnp.sum(dispatch.astype(jnp.float32), axis=(0, 1, 3))      # [E]
+  g, s, e, c = dispatch.shape
+  # Reduced on a [G·S, E·C] view: XLA:CPU reduces arrays with a trailing axis of size
+  # C = 1 (Soft MoE, 1 slot per expert) several times slower.
+  mass = jnp.sum(dispatch.reshape(g * s, e * c).astype(jnp.float32), axis=0)
+  mass = jnp.sum(mass.reshape(e, c), axis=-1)                        # [E]
   zero = jnp.zeros((), jnp.float32)
+  if router_logits is None:
+    ent = entropy(router_probs)
+  else:
+    logits = router_logits.astype(jnp.float32)
+    probs = router_probs.astype(jnp.float32)
+    ent = jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1))
   return dict(dropped_fraction=zero, unrouted_fraction=zero,
-              expert_load=mass / jnp.maximum(jnp.sum(mass), 1e-9),
-              router_entropy=entropy(router_probs))
+              expert_load=mass / jnp.maximum(jnp.sum(mass), 1e-9), router_entropy=ent)

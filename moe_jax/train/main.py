@@ -24,6 +24,11 @@ from __future__ import annotations
 import logging as logging_std
 import os
 
+if __name__ == '__main__':
+  # First thing: re-execute once under TCMalloc when installed (see moe_jax/allocator.py).
+  from moe_jax import allocator as _allocator
+  _allocator.use_fast_allocator()
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # TensorFlow only reads the data here; without this it prints a oneDNN notice at import.
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
@@ -92,6 +97,8 @@ def run(argv) -> int:
     pass
   logging.info('JAX process %d / %d, devices %s', jax.process_index(), jax.process_count(),
                jax.devices())
+  from moe_jax import allocator
+  logging.info('Memory allocator: %s', allocator.describe())
   try:
     results = train_and_evaluate(FLAGS.config, FLAGS.workdir, stop_at_step=FLAGS.stop_at_step,
                                  strict_restore=FLAGS.strict_restore,

@@ -230,11 +230,15 @@ def test_dropless_maximally_unbalanced(k, impl, tile):
     np.testing.assert_allclose(a, b, **TOL)
 
 
-@pytest.mark.parametrize('glu,bias,act', [(True, False, 'silu')])   # non-GLU with bias: above
-def test_grouped_mlp_blocks_and_ragged_match_reference(glu, bias, act):
-  """Groups of sizes 0, 1, tile, tile+1 and most rows; all three give one answer."""
-  tile, d, h = 4, 5, 7
-  sizes = np.array([0, 1, 4, 5, 13], np.int32)
+@pytest.mark.parametrize('glu,bias,act,tile,min_tile', [(True, False, 'silu', 8, 2),
+                                                      (False, True, 'gelu', 8, 2),
+                                                      (False, True, 'gelu', 32, 1)])
+def test_grouped_mlp_blocks_and_ragged_match_reference(glu, bias, act, tile, min_tile):
+  """Groups of sizes 0, 1, tile, tile+1, every remainder and most rows, then rows no
+  expert owns (inf: they must not leak into any output or gradient); all three give
+  one answer. tile/min_tile = 32 remainder heights: nested chains of conditionals."""
+  d, h = 5, 7
+  sizes = np.array([0, 1, 8, 9, 23, 7, 3], np.int32)       # 23 = 2·8 + 4 + 2 + 1
   e, n = len(sizes), int(sizes.sum())
   experts = layers.Experts(e, d, h, activation=act, glu=glu, use_bias=bias, rngs=nnx.Rngs(3))
   if bias:
@@ -242,13 +246,11 @@ def test_grouped_mlp_blocks_and_ragged_match_reference(glu, bias, act):
   params = experts.params_dict()
   x = jax.random.normal(jax.random.key(4), (n, d))
   owner = np.repeat(np.arange(e), sizes)
-  starts = np.asarray(grouped.padded_starts(jnp.asarray(sizes), tile))
-  rows = starts[owner] + np.arange(n) - (np.cumsum(sizes) - sizes)[owner]
-  length = tile * grouped.max_blocks(n, e, tile)
 
   def blocks(p, x):
-    xp = jnp.zeros((length, d)).at[rows].set(x)
-    return experts.apply_grouped(p, xp, jnp.asarray(sizes), impl='blocks', tile=tile)[rows]
+    xp = jnp.concatenate([x, jnp.full((3, d), jnp.inf)])
+    return experts.apply_grouped(p, xp, jnp.asarray(sizes), impl='blocks', tile=tile,
+                                 min_tile=min_tile)[:n]
 
   def ragged(p, x):
     return experts.apply_grouped(p, x, jnp.asarray(sizes), impl='ragged')
@@ -289,23 +291,34 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="experts_impl must be 'auto', 'batched' or 'blocks'"):
     engines.GatherEngine(experts_impl='fast')
   with pytest.raises(ValueError, match="engine 'gather' has no option 'combine'; it takes: "
-                                       "experts_impl, max_tile"):
+                                       "experts_impl, max_tile, min_tile"):
     engines.get_engine('gather', combine='scatter')
   with pytest.raises(NotImplementedError, match='engine="gather"'):
     engines.get_engine('dropless').dispatch(jnp.zeros((1, 2, 3)), None)
-  with pytest.raises(ValueError, match='tile dividing'):
+  with pytest.raises(ValueError, match='powers of two'):
     grouped.grouped_mlp(dict(w_in=jnp.zeros((2, 3, 4)), w_out=jnp.zeros((2, 4, 3))),
-                        jnp.zeros((10, 3)), jnp.array([4, 6]), impl='blocks', tile=4)
+                        jnp.zeros((10, 3)), jnp.array([4, 6]), impl='blocks', tile=6)
+  with pytest.raises(ValueError, match='min_tile must be a power of two'):
+    engines.DroplessEngine(min_tile=3)
 
 
-def test_default_tile_and_block_bound():
-  assert grouped.default_tile(16384, 8) == 128
-  assert grouped.default_tile(16384, 256) == 64
-  assert grouped.default_tile(10, 64) == 32
-  # The bound holds for the worst split: every expert one row past a tile multiple.
-  tile, e = 8, 5
-  sizes = np.full(e, tile + 1)
-  used = int(np.sum(-(-sizes // tile)))
-  assert used <= grouped.max_blocks(int(sizes.sum()), e, tile)
-  from moe_jax.layers.engines.gather import buffer_tile
-  assert [buffer_tile(n) for n in (96, 2560, 257)] == [96, 256, 129]
+def test_bfloat16_engines_agree_with_float32_to_bf16_precision(x):
+  """bf16 experts (matmuls accumulated in float32 on CPU) give the float32 layer's
+  outputs and gradients to bf16 precision, on every engine."""
+  def run(dtype, engine):
+    layer = make_layer('tokens_choice', dict(k=2, capacity_factor=float(E)))
+    layer.experts.dtype = dtype
+    layer.engine = engines.get_engine(engine)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params, x):
+      y, _ = nnx.merge(graphdef, params, rest)(x)
+      return jnp.sum(y.astype(jnp.float32) * jnp.cos(x))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+  want = run(None, 'einsum')
+  for engine in engines.ENGINES:
+    got = run(jnp.bfloat16, engine)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      scale = float(jnp.max(jnp.abs(b))) + 1e-6
+      assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 3e-2 * scale, engine

@@ -10,8 +10,9 @@ enough capacity for nothing to be dropped it gives the numbers of the buffer eng
     y_rows = grouped_mlp(x_rows, group sizes)          `grouped.py`
     y[t]   = Σ_k w[t, k] · y_rows[row of (t, k)]       gather; backward: gather
 
-On CPU the rows are laid out in tile-aligned blocks (`impl='blocks'`), on GPU/TPU
-contiguously for `jax.lax.ragged_dot` (`impl='ragged'`).
+The rows are contiguous, expert after expert, nothing padded: `jax.lax.ragged_dot`
+runs them on GPU/TPU (`impl='ragged'`), a loop over each expert's rows in blocks on
+CPU (`impl='blocks'`, `grouped.py`).
 
 Routings without a token-side view (expert choice, Soft MoE) drop nothing by
 construction; the engine hands them to the gather engine (which hands dense ones to
@@ -48,7 +49,9 @@ class DroplessEngine:
 
   Args:
     impl: 'auto' (ragged_dot on GPU/TPU, blocks elsewhere), 'blocks' or 'ragged'.
-    tile: block height for 'blocks'; None picks `grouped.default_tile(N, E)`.
+    tile, min_tile: 'blocks' runs an expert's rows in blocks of `tile` rows and the
+      remainder in one block of a multiple of `min_tile` rows (powers of two; None:
+      `grouped.default_tiles`).
     exchange: under a mesh, how rows reach their experts' devices:
       'auto' (ragged_all_to_all on GPU/TPU, padded all_to_all on CPU), 'ragged',
       'padded' or 'emulated' (see `moe_jax.parallel.ragged`).
@@ -59,13 +62,16 @@ class DroplessEngine:
   expert_parallel = 'rows'
   impl: str = 'auto'
   tile: int | None = None
+  min_tile: int | None = None
   exchange: str = 'auto'
 
   def __post_init__(self):
     if self.impl not in grouped.IMPLS:
       raise ValueError(f'impl must be one of {grouped.IMPLS}, got {self.impl!r}.')
-    if self.tile is not None and self.tile < 1:
-      raise ValueError(f'tile must be a positive int, got {self.tile!r}.')
+    for name in ('tile', 'min_tile'):
+      v = getattr(self, name)
+      if v is not None and (v < 1 or v & (v - 1)):
+        raise ValueError(f'{name} must be a power of two, got {v!r}.')
     # check_impl, not resolve_impl: 'auto' resolves on the backend when the layer runs.
     ragged_lib.check_impl(self.exchange)
 
@@ -76,13 +82,12 @@ class DroplessEngine:
   combine = dispatch
 
   def layout(self, r: Routing, num_experts: int, impl: str | None = None) -> dict:
-    """Where each (token, choice) goes. Returns a dict of int32 arrays:
+    """Where each (token, choice) goes: rows sorted by expert, contiguous. Returns a dict:
 
-    rows: L, static row count; tile: block height (0 for ragged);
-    row_token [L]: flat token g·S + s of each row (G·S for padding);
-    row_owner [L, 1]: flat choice (g·S + s)·K + k of each row (N for padding);
+    rows: N = G·S·K, static row count; impl: 'blocks' or 'ragged';
+    row_token [N]: flat token g·S + s of each row;
+    row_owner [N, 1]: flat choice (g·S + s)·K + k of each row;
     choice_row [G·S, K]: row of each choice; group_sizes [E].
-    `impl` overrides the engine's ('ragged': contiguous rows, as the exchange needs).
     """
     g, s, k = r.token_expert.shape
     n = g * s * k
@@ -91,21 +96,24 @@ class DroplessEngine:
     e_flat = r.token_expert.reshape(n).astype(jnp.int32)
     choice = jnp.arange(n, dtype=jnp.int32)
     e_sorted, order = jax.lax.sort((e_flat, choice), num_keys=1, is_stable=True)
-    sizes = jnp.zeros(num_experts, jnp.int32).at[e_flat].add(1)
-    if impl == 'ragged':
-      tile, rows = 0, n
-      row_of_sorted = choice
-    else:
-      tile = self.tile or grouped.default_tile(n, num_experts)
-      rows = tile * grouped.max_blocks(n, num_experts, tile)
-      starts = jnp.cumsum(sizes) - sizes
-      row_of_sorted = grouped.padded_starts(sizes, tile)[e_sorted] + choice - starts[e_sorted]
-    choice_row = jnp.zeros(n, jnp.int32).at[order].set(row_of_sorted)
-    row_owner = jnp.full(rows, n, jnp.int32).at[row_of_sorted].set(order)
-    row_token = jnp.where(row_owner < n, row_owner // k, g * s)
-    return dict(rows=rows, tile=tile, impl=impl, row_token=row_token,
-                row_owner=row_owner[:, None], choice_row=choice_row.reshape(g * s, k),
-                group_sizes=sizes)
+    ends = jnp.searchsorted(e_sorted, jnp.arange(num_experts, dtype=jnp.int32), side='right')
+    sizes = jnp.diff(ends.astype(jnp.int32), prepend=0)
+    choice_row = jnp.zeros(n, jnp.int32).at[order].set(choice)
+    return dict(rows=n, impl=impl, row_token=order // k, row_owner=order[:, None],
+                choice_row=choice_row.reshape(g * s, k), group_sizes=sizes)
+
+  def executed_rows(self, r: Routing, num_experts: int) -> Array:
+    """Rows the experts' MLP computes (for FLOP accounting): every choice, plus the
+    masked rows of each expert's last block ('blocks'), or E× all rows ('ragged' on
+    CPU, where ragged_dot multiplies every row by every expert)."""
+    if r.token_expert is None:
+      return GatherEngine().executed_rows(r, num_experts)
+    lay = self.layout(r, num_experts)
+    if lay['impl'] == 'ragged':
+      cpu = jax.default_backend() == 'cpu'
+      return jnp.asarray(lay['rows'] * (num_experts if cpu else 1))
+    m = self.min_tile or grouped.default_tiles(lay['rows'], num_experts)[1]
+    return jnp.sum(-(-lay['group_sizes'] // m) * m)
 
   def apply(self, x: Array, r: Routing, experts) -> Array:
     """x: [G, S, d] -> [G, S, d]; `experts` must be an `Experts` module."""
@@ -117,16 +125,18 @@ class DroplessEngine:
                       f'got {type(experts).__name__}.')
     g, s, d = x.shape
     k = r.token_expert.shape[-1]
-    lay = self.layout(r, experts.num_experts, impl='ragged' if local else None)
+    lay = self.layout(r, experts.num_experts)
     x_rows = gather_rows(x.reshape(g * s, d), lay['row_token'], lay['choice_row'])
     if local:
       y_rows = self._apply_sharded(experts, x_rows, lay['group_sizes'])
     else:
       y_rows = experts.apply_grouped(experts.params_dict(), x_rows, lay['group_sizes'],
-                                     impl=lay['impl'], tile=lay['tile'])
+                                     impl=lay['impl'], tile=self.tile, min_tile=self.min_tile)
     z = gather_rows(y_rows, lay['choice_row'].reshape(-1), lay['row_owner'])   # [N, d]
     w = r.token_weight.astype(z.dtype)
-    return jnp.einsum('gskd,gsk->gsd', z.reshape(g, s, k, -1), w).astype(x.dtype)
+    # A multiply and a sum over K: XLA:CPU runs the einsum 'gskd,gsk->gsd' as a slow
+    # batched matmul (3.5x slower).
+    return jnp.sum(z.reshape(g, s, k, -1) * w[..., None], axis=2).astype(x.dtype)
 
   def _apply_sharded(self, experts: LocalExperts, x_rows: Array, group_sizes: Array) -> Array:
     """Inside the expert-parallel shard_map: x_rows [N, d] sorted by global expert,
@@ -146,21 +156,8 @@ class DroplessEngine:
     b_out = params.pop('b_out', None) if experts.model_axis is not None else None
     impl = grouped.default_impl() if self.impl == 'auto' else self.impl
     num_rows, e_loc = rows.shape[0], sizes.shape[0]
-    if impl == 'ragged':
-      y = experts.apply_grouped(params, rows, sizes, impl='ragged')
-    else:   # re-lay the received rows into tile-aligned blocks
-      tile = self.tile or grouped.default_tile(num_rows // max(1, experts.expert_axis_size),
-                                               e_loc)
-      length = tile * grouped.max_blocks(num_rows, e_loc, tile)
-      i = jnp.arange(num_rows, dtype=jnp.int32)
-      ends = jnp.cumsum(sizes)
-      e = jnp.minimum(jnp.searchsorted(ends, i, side='right'), e_loc - 1).astype(jnp.int32)
-      dst = grouped.padded_starts(sizes, tile)[e] + i - (ends - sizes)[e]
-      dst = jnp.where(i < ends[-1], dst, length)                       # [R]; length = unused
-      src = jnp.full(length, num_rows, jnp.int32).at[dst].set(i, mode='drop')   # [L]
-      blocks = gather_rows(rows, src, dst[:, None])
-      y_blocks = experts.apply_grouped(params, blocks, sizes, impl='blocks', tile=tile)
-      y = gather_rows(y_blocks, dst, src[:, None])
+    y = experts.apply_grouped(params, rows, sizes, impl=impl, tile=self.tile,
+                              min_tile=self.min_tile)
     if experts.model_axis is not None:
       y = jax.lax.psum(y, experts.model_axis)
       if b_out is not None:

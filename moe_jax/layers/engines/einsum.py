@@ -27,15 +27,23 @@ class EinsumEngine:
   # buffer, experts, all_to_all back, combine (`moe_jax.parallel.expert_parallel`).
   expert_parallel = 'buffer'
 
+  # Both einsums run on the [G, S, E·C] view of the weights, a batched matmul per group:
+  # XLA:CPU runs ops on arrays with a trailing axis of size C = 1 (Soft MoE with one
+  # slot per expert) several times slower, and a 4-D einsum adds transposes.
+
   def dispatch(self, x: Array, r: Routing) -> Array:
     """x: [G, S, d] -> [E, G, C, d]."""
     dispatch, _ = r.dense()
-    return jnp.einsum('gsec,gsd->egcd', dispatch.astype(x.dtype), x)
+    g, s, e, c = dispatch.shape
+    buf = jnp.einsum('gsn,gsd->gnd', dispatch.reshape(g, s, e * c).astype(x.dtype), x)
+    return jnp.transpose(buf.reshape(g, e, c, -1), (1, 0, 2, 3))
 
   def combine(self, buf: Array, r: Routing) -> Array:
     """buf: [E, G, C, d] -> [G, S, d]."""
     _, combine = r.dense()
-    return jnp.einsum('gsec,egcd->gsd', combine.astype(buf.dtype), buf)
+    g, s, e, c = combine.shape
+    buf = jnp.transpose(buf, (1, 0, 2, 3)).reshape(g, e * c, -1)
+    return jnp.einsum('gsn,gnd->gsd', combine.reshape(g, s, e * c).astype(buf.dtype), buf)
 
   def apply(self, x: Array, r: Routing, expert_fn: ExpertFn) -> Array:
     """x: [G, S, d] -> [G, S, d] through experts `expert_fn` ([E, N, d] -> [E, N, d])."""

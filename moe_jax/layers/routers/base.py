@@ -73,8 +73,11 @@ class LinearGate(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     """x: [..., d] -> logits [..., E] float32."""
-    return jnp.einsum('...d,de->...e', x.astype(jnp.float32), self.kernel[...],
-                      precision=jax.lax.Precision.HIGHEST)
+    # On 2-D tokens: XLA:CPU transposes a 3-D operand in the backward pass (1.8x slower).
+    kernel = self.kernel[...]
+    logits = jnp.matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32), kernel,
+                        precision=jax.lax.Precision.HIGHEST)
+    return logits.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def check_k(k: int, num_experts: int, hint: str = '') -> int:

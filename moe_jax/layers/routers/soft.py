@@ -64,13 +64,18 @@ class SoftMoeRouter(Router):
 
   def logits(self, x: Array) -> Array:
     """x: [G, S, d] -> [G, S, E, P] float32."""
-    x = x.astype(jnp.float32)
-    phi = self.phi[...]
+    g, s, d = x.shape
+    _, e, p = self.phi.shape
+    # On 2-D views (tokens [G·S, d], Φ [d, E·P]): XLA:CPU transposes 3-D / 4-D operands
+    # of a matmul's backward pass, and runs ops on arrays with a trailing axis of size
+    # P = 1 several times slower.
+    x = x.reshape(g * s, d).astype(jnp.float32)
+    phi = self.phi[...].reshape(d, e * p)
     if self.normalize:
       x = l2_normalize(x, axis=-1)
       phi = self.scale[...] * l2_normalize(phi, axis=0)
-    logits = jnp.einsum('gsd,dnp->gsnp', x, phi, precision=jax.lax.Precision.HIGHEST)
-    return self.add_noise(logits)
+    logits = jnp.matmul(x, phi, precision=jax.lax.Precision.HIGHEST)
+    return self.add_noise(logits.reshape(g, s, e, p))
 
   def __call__(self, x: Array, *, token_ids: Array | None = None) -> routing.Routing:
     return routing.soft_moe(self.logits(x))
