@@ -49,6 +49,7 @@ def get_config(variant=None):
                      ('sinkhorn_base', 'base'), ('base', 'dense')]
   c.notes = ('No per-arm tuning: the config file\'s AdamW 3e-3 and each router\'s paper '
              'defaults. BASE / S-BASE evaluated with greedy top-1 (causal).')
+  c.otherwise = ('routing gains shrink with scale differences and fall below seed noise at 5M parameters and 2.5M tokens')
   c.claims = [
       dict(paper='Clark et al. 2022 (routed LMs), S-BASE vs RL-R vs Hash',
            claim='Sinkhorn-BASE beats REINFORCE routing', paper_value='S-BASE > RL-R at every size',

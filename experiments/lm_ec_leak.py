@@ -54,6 +54,7 @@ def get_config(variant=None):
     c.comparisons += [('ec_leaky', 'dense', 'causal_quality'), ('top2', 'dense')]
   c.notes = ('No per-arm tuning. ec_leaky is evaluated twice from its final checkpoint: '
              'the training rule (leaky) and eval_rule=token_top_k (causal, k=2).')
+  c.otherwise = ('a 16-expert, 5M-parameter decoder may learn to exploit little of the leak in 2.5M tokens')
   c.claims = [
       dict(paper='Expert Choice (Zhou et al. 2022) §6 limitation',
            claim='Expert choice in a decoder reads future tokens: its training-rule '

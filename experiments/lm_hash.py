@@ -61,6 +61,7 @@ def get_config(variant=None):
   c.notes = ('Every arm: the config file\'s AdamW 3e-3, 100 warm-up steps, cosine; no per-arm '
              'tuning. Tables: balanced from train-split token counts; clustered / dispersed '
              'from k-means (seed 0) of the dense arm\'s seed-0 input embeddings.')
+  c.otherwise = ('5M-parameter models, 2.5M tokens of technical English, a 4k unigram vocabulary (the paper: Reddit, BPE, 16-128 experts, one hash layer)')
   c.claims = [
       dict(paper='Hash Layers (Roller et al. 2021), Table 2 (pushshift.io Reddit)',
            claim='A balanced hash layer is at least as good as Switch routing',

@@ -37,6 +37,7 @@ def get_config(variant=None):
                    [('soft_moe_causal', 'top2'), ('soft_moe_causal', 'switch'),
                     ('soft_moe_causal', 'dense'), ('top2', 'switch'), ('switch', 'dense')])
   c.notes = 'No per-arm tuning: the config file\'s AdamW 3e-3; router defaults.'
+  c.otherwise = ('our extension has no paper number; slots tied to positions see prefixes of different lengths')
   c.claims = [
       dict(paper='ours (Soft MoE paper: decoders left to future work)',
            claim='Causal Soft MoE beats top-2 token choice in a decoder',

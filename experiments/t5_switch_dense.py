@@ -87,6 +87,7 @@ def get_config(variant=None):
                  panels=['metric', 'speedup_steps', 'speedup_seconds', 'step_time_s'])
   c.notes = ('No per-arm tuning: every arm uses the config file\'s AdamW 3e-3, 100 warm-up '
              'steps, cosine decay, batch 32; Switch capacity 1.25/2.0, balance loss 1e-2.')
+  c.otherwise = ('5M-parameter models and 1.2M target tokens (the paper: 223M parameters, 100k steps of C4)')
   c.claims = [
       dict(paper='Switch Transformer (Fedus et al. 2022), Table 1',
            claim='Switch (top-1) beats the FLOP-matched dense T5',

@@ -44,9 +44,12 @@ def shortened(exp: ml_collections.ConfigDict, steps: int) -> tuple[ml_collection
 
 
 def estimate(exp: ml_collections.ConfigDict, root: str, steps: int, *, lock: str | None = None,
-             execute=run_lib.execute_subprocess, execute_eval=None) -> dict:
-  """Runs the short arms; returns {'arms': {arm: {...}}, 'total_s': ..., 'runs': n}."""
+             execute=run_lib.execute_subprocess, execute_eval=None, only=None) -> dict:
+  """Runs the short arms (those in `only` when given); returns {'arms': {arm: {...}},
+  'total_s': the measured arms' total, 'runs': n}."""
   short, real = shortened(exp, steps)
+  if only:
+    short.arms = [a for a in short.arms if a['name'] in only]
   est_root = os.path.join(root, '_estimate', exp.name)
   runs = run_lib.expand(short, est_root)
   run_lib.run_all(short, runs, est_root, execute, lock=lock, execute_eval=execute_eval)
@@ -70,14 +73,14 @@ def estimate(exp: ml_collections.ConfigDict, root: str, steps: int, *, lock: str
                        arm_s=per_run * len(exp.seeds), loadavg=info.get('loadavg'))
     total += per_run * len(exp.seeds)
   out = dict(experiment=exp.name, steps=steps, arms=arms, total_s=total,
-             runs=len(exp.arms) * len(exp.seeds), lock=lock)
+             runs=len(short.arms) * len(exp.seeds), lock=lock)
   with open(os.path.join(est_root, 'estimate.json'), 'w') as f:
     json.dump(out, f, indent=1)
   return out
 
 
-def main(exp, root: str, steps: int, *, lock: str | None = None) -> dict:
-  out = estimate(exp, root, steps, lock=lock)
+def main(exp, root: str, steps: int, *, lock: str | None = None, only=None) -> dict:
+  out = estimate(exp, root, steps, lock=lock, only=only)
   print(f"\n{exp.name}: estimated cost from {steps}-step runs ({out['runs']} runs)")
   print(f"{'arm':32s} {'steps/s':>8s} {'overhead s':>10s} {'steps':>6s} {'per run':>9s} "
         f"{'x seeds':>9s}  load")

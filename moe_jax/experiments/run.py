@@ -338,7 +338,7 @@ def run_all(exp: ml_collections.ConfigDict, runs: list[Run], root: str,
   before = {r.name: state(r, root) for r in runs}
   check_shared(exp, runs, root)
   train = lambda r: run_one(exp, r, root, execute, lock=lock, execute_eval=execute_eval)
-  prepare(exp, runs, root, train)
+  prepare(exp, expand(exp, root), root, train)   # every arm, even when running a subset
   todo = [r for r in runs if state(r, root) not in ('done', 'diverged')]
   print(f'{exp.name}: {len(runs) - len(todo)} of {len(runs)} runs done, {len(todo)} to run',
         flush=True)
@@ -390,20 +390,25 @@ def main(argv=None):
                  'each run trains (e.g. /tmp/cpu.lock: timings taken alone)')
   p.add_argument('--estimate', type=int, default=None, metavar='STEPS',
                  help='measure each arm for STEPS steps (seed 0) and print the estimated cost')
+  p.add_argument('--only', default=None, help='comma-separated arms: run (or estimate) these '
+                 'only; the summary still covers every finished run')
   args = p.parse_args(argv)
   exp = load_experiment(args.experiment)
   root = args.root or exp.root
   runs = expand(exp, root)
+  only = set(args.only.split(',')) if args.only else None
+  if only and only - {a['name'] for a in exp.arms}:
+    raise SystemExit(f'--only names unknown arms: {sorted(only - {a["name"] for a in exp.arms})}')
   if args.dry_run:
     for run in runs:
       print(f'{state(run, root):8s} {run.name:36s} {run.config_arg} {dict(run.overrides)}')
     return
   if args.estimate:
     from moe_jax.experiments import estimate
-    estimate.main(exp, root, args.estimate, lock=args.lock)
+    estimate.main(exp, root, args.estimate, lock=args.lock, only=only)
     return
   if not args.summarize_only:
-    run_all(exp, runs, root, lock=args.lock)
+    run_all(exp, [r for r in runs if not only or r.arm in only], root, lock=args.lock)
   summary = summarize(exp, collect(exp, runs, root))
   summary_path, plot_path = write_outputs(exp, summary, summary_path=args.summary,
                                           plot_path=args.plot)
