@@ -24,8 +24,6 @@ Cost: COST_NOTE.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
-import ml_collections
-
 from moe_jax.experiments import decoder_arms as D
 
 COST_NOTE = 'see the README Reproductions section'
@@ -33,13 +31,8 @@ ARMS = ('dense', 'switch', 'base', 'sinkhorn_base', 'reinforce', 'hash_random')
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  c = ml_collections.ConfigDict()
-  c.name = f'lm_base_routing_{variant}'
-  c.title = f'BASE / S-BASE / REINFORCE vs Switch, decoder LM ({variant})'
-  D.base(c, variant)
+  c = D.experiment('lm_base_routing', variant, 'BASE / S-BASE / REINFORCE vs Switch, decoder LM')
+  variant = c.name.rsplit('_', 1)[1]
   c.arms = D.arms(('switch', 'sinkhorn_base') if variant == 'smoke' else ARMS, variant)
   if variant == 'smoke':
     c.comparisons = [('sinkhorn_base', 'switch')]
@@ -49,7 +42,8 @@ def get_config(variant=None):
                      ('sinkhorn_base', 'base'), ('base', 'dense')]
   c.notes = ('No per-arm tuning: the config file\'s AdamW 3e-3 and each router\'s paper '
              'defaults. BASE / S-BASE evaluated with greedy top-1 (causal).')
-  c.otherwise = ('routing gains shrink with scale differences and fall below seed noise at 5M parameters and 2.5M tokens')
+  c.otherwise = ('routing gains shrink with scale differences and fall below seed noise at 5M '
+                 'parameters and 2.5M tokens')
   c.claims = [
       dict(paper='Clark et al. 2022 (routed LMs), S-BASE vs RL-R vs Hash',
            claim='Sinkhorn-BASE beats REINFORCE routing', paper_value='S-BASE > RL-R at every size',

@@ -22,8 +22,6 @@ and future tokens to perform the top-k selection". Tuning budget: none. Cost: CO
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps, and the causal evaluation).
 """
-import ml_collections
-
 from moe_jax.experiments import decoder_arms as D
 
 COST_NOTE = 'see the README Reproductions section'
@@ -32,13 +30,8 @@ CAUSAL_KEY = 'evals.causal.neg_log_perplexity'
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  c = ml_collections.ConfigDict()
-  c.name = f'lm_ec_leak_{variant}'
-  c.title = f'Expert choice in a decoder: training-rule vs causal evaluation ({variant})'
-  D.base(c, variant)
+  c = D.experiment('lm_ec_leak', variant, 'Expert choice in a decoder: training-rule vs causal evaluation')
+  variant = c.name.rsplit('_', 1)[1]
   c.arms = D.arms(('top2', 'ec_leaky') if variant == 'smoke' else ARMS, variant)
   c.evals = [D.CAUSAL_EVAL]
   c.derived = [
@@ -54,7 +47,8 @@ def get_config(variant=None):
     c.comparisons += [('ec_leaky', 'dense', 'causal_quality'), ('top2', 'dense')]
   c.notes = ('No per-arm tuning. ec_leaky is evaluated twice from its final checkpoint: '
              'the training rule (leaky) and eval_rule=token_top_k (causal, k=2).')
-  c.otherwise = ('a 16-expert, 5M-parameter decoder may learn to exploit little of the leak in 2.5M tokens')
+  c.otherwise = ('a 16-expert, 5M-parameter decoder may learn to exploit little of the leak in '
+                 '2.5M tokens')
   c.claims = [
       dict(paper='Expert Choice (Zhou et al. 2022) §6 limitation',
            claim='Expert choice in a decoder reads future tokens: its training-rule '

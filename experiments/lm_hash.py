@@ -30,8 +30,6 @@ COST_NOTE.
 
 Variants: cpu (the experiment), smoke (two tiny arms, two seeds, 4 steps; the test suite).
 """
-import ml_collections
-
 from moe_jax.experiments import decoder_arms as D
 
 COST_NOTE = 'see the README Reproductions section'
@@ -40,13 +38,8 @@ SMOKE_ARMS = ('dense', 'hash_clustered')
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  c = ml_collections.ConfigDict()
-  c.name = f'lm_hash_{variant}'
-  c.title = f'Hash layers vs Switch, decoder LM ({variant})'
-  D.base(c, variant)
+  c = D.experiment('lm_hash', variant, 'Hash layers vs Switch, decoder LM')
+  variant = c.name.rsplit('_', 1)[1]
   names = SMOKE_ARMS if variant == 'smoke' else ARMS
   c.arms = D.arms(names, variant)
   kinds = [n[5:] for n in names if n.startswith('hash_') and n[5:] in D.TABLE_KINDS]
@@ -61,7 +54,8 @@ def get_config(variant=None):
   c.notes = ('Every arm: the config file\'s AdamW 3e-3, 100 warm-up steps, cosine; no per-arm '
              'tuning. Tables: balanced from train-split token counts; clustered / dispersed '
              'from k-means (seed 0) of the dense arm\'s seed-0 input embeddings.')
-  c.otherwise = ('5M-parameter models, 2.5M tokens of technical English, a 4k unigram vocabulary (the paper: Reddit, BPE, 16-128 experts, one hash layer)')
+  c.otherwise = ('5M-parameter models, 2.5M tokens of technical English, a 4k unigram vocabulary '
+                 '(the paper: Reddit, BPE, 16-128 experts, one hash layer)')
   c.claims = [
       dict(paper='Hash Layers (Roller et al. 2021), Table 2 (pushshift.io Reddit)',
            claim='A balanced hash layer is at least as good as Switch routing',

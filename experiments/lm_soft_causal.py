@@ -16,8 +16,6 @@ Tuning budget: none (the config file's optimiser). Cost: COST_NOTE.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
-import ml_collections
-
 from moe_jax.experiments import decoder_arms as D
 
 COST_NOTE = 'see the README Reproductions section'
@@ -25,19 +23,15 @@ ARMS = ('dense', 'switch', 'top2', 'soft_moe_causal')
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  c = ml_collections.ConfigDict()
-  c.name = f'lm_soft_causal_{variant}'
-  c.title = f'Causal Soft MoE vs token choice, decoder LM ({variant})'
-  D.base(c, variant)
+  c = D.experiment('lm_soft_causal', variant, 'Causal Soft MoE vs token choice, decoder LM')
+  variant = c.name.rsplit('_', 1)[1]
   c.arms = D.arms(('dense', 'soft_moe_causal') if variant == 'smoke' else ARMS, variant)
   c.comparisons = ([('soft_moe_causal', 'dense')] if variant == 'smoke' else
                    [('soft_moe_causal', 'top2'), ('soft_moe_causal', 'switch'),
                     ('soft_moe_causal', 'dense'), ('top2', 'switch'), ('switch', 'dense')])
   c.notes = 'No per-arm tuning: the config file\'s AdamW 3e-3; router defaults.'
-  c.otherwise = ('our extension has no paper number; slots tied to positions see prefixes of different lengths')
+  c.otherwise = ('our extension has no paper number; slots tied to positions see prefixes of '
+                 'different lengths')
   c.claims = [
       dict(paper='ours (Soft MoE paper: decoders left to future work)',
            claim='Causal Soft MoE beats top-2 token choice in a decoder',

@@ -18,8 +18,6 @@ CF ordering CF2 > CF1 > CF0.5 may be resolvable. Cost: COST_NOTE.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
-import ml_collections
-
 from moe_jax.experiments import presets as P
 
 COST_NOTE = 'see the README Reproductions section'
@@ -29,20 +27,13 @@ TC = {'tc_top1': 1, 'tc_top2': 2}
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  smoke = variant == 'smoke'
+  c = P.experiment('t5_ec_encoder', variant, 'Expert choice vs token choice in the T5 encoder',
+                   P.SPAN, metric='neg_log_perplexity')
+  smoke = c.name.endswith('smoke')
   common = P.smoke(P.SPAN) if smoke else P.schedule(STEPS, evals=EVALS)
   if smoke:
     common = P.merge(common, {'model.encoder_moe.num_experts': 4,
                               'model.decoder_moe.num_experts': 4})
-  c = ml_collections.ConfigDict()
-  c.name = f't5_ec_encoder_{variant}'
-  c.title = f'Expert choice vs token choice in the T5 encoder ({variant})'
-  c.config_file = P.SPAN
-  c.seeds = (0, 1) if smoke else (0, 1, 2)
-  c.metric, c.metric_label = 'neg_log_perplexity', 'validation neg. log perplexity'
   ec = {'ec_cf1': 1.0} if smoke else EC
   tc = {'tc_top1': 1} if smoke else TC
   # experts_choice,tiny: EC in the encoder, top-2 token choice in the decoder (config file).
@@ -59,7 +50,8 @@ def get_config(variant=None):
                      ('ec_cf2', 'ec_cf1'), ('ec_cf1', 'ec_cf0.5'), ('tc_top2', 'tc_top1')]
   c.notes = ('No per-arm tuning. Decoder of every arm: top-2 token choice (capacity 1.25/2.0). '
              'Encoder EC: no aux loss; encoder TC: balance loss 1e-2, capacity 1.25/2.0.')
-  c.otherwise = ('gaps of <= 0.02 nats are expected at this scale (8 experts, 1.2k steps; the paper: 64 experts, GLaM data)')
+  c.otherwise = ('gaps of <= 0.02 nats are expected at this scale (8 experts, 1.2k steps; the '
+                 'paper: 64 experts, GLaM data)')
   c.claims = [
       dict(paper='Expert Choice (Zhou et al. 2022), Fig. 2 / Table 2',
            claim='EC-CF2 beats top-2 token choice at equal compute (encoder, leak-free)',

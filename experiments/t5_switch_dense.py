@@ -28,8 +28,6 @@ Cost: COST_NOTE.
 
 Variants: cpu (the experiment), smoke (two tiny arms, two seeds, 4 steps; the test suite).
 """
-import ml_collections
-
 from moe_jax.experiments import presets as P
 
 COST_NOTE = 'see the README Reproductions section'
@@ -42,17 +40,10 @@ def _experts(e: int) -> dict:
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  smoke = variant == 'smoke'
+  c = P.experiment('t5_switch_dense', variant, 'Switch vs dense T5, span corruption', P.SPAN,
+                   metric='neg_log_perplexity')
+  smoke = c.name.endswith('smoke')
   common = P.smoke(P.SPAN) if smoke else P.schedule(STEPS, evals=EVALS)
-  c = ml_collections.ConfigDict()
-  c.name = f't5_switch_dense_{variant}'
-  c.title = f'Switch vs dense T5, span corruption ({variant})'
-  c.config_file = P.SPAN
-  c.seeds = (0, 1) if smoke else (0, 1, 2)
-  c.metric, c.metric_label = 'neg_log_perplexity', 'validation neg. log perplexity'
   arms = [P.arm('dense', 'dense,tiny', common, group='dense')]
   arms += [P.arm(f'switch_e{e}', 'switch,tiny', P.merge(common, _experts(e)), group='switch',
                  label=f'{e}E', x=e) for e in ((4,) if smoke else EXPERTS)]
@@ -87,7 +78,8 @@ def get_config(variant=None):
                  panels=['metric', 'speedup_steps', 'speedup_seconds', 'step_time_s'])
   c.notes = ('No per-arm tuning: every arm uses the config file\'s AdamW 3e-3, 100 warm-up '
              'steps, cosine decay, batch 32; Switch capacity 1.25/2.0, balance loss 1e-2.')
-  c.otherwise = ('5M-parameter models and 1.2M target tokens (the paper: 223M parameters, 100k steps of C4)')
+  c.otherwise = ('5M-parameter models and 1.2M target tokens (the paper: 223M parameters, 100k '
+                 'steps of C4)')
   c.claims = [
       dict(paper='Switch Transformer (Fedus et al. 2022), Table 1',
            claim='Switch (top-1) beats the FLOP-matched dense T5',

@@ -33,8 +33,6 @@ Cost: COST_NOTE.
 
 Variants: cpu (the experiment), smoke (two tiny arms, two seeds, 4 steps; the test suite).
 """
-import ml_collections
-
 from moe_jax.experiments import presets as P
 
 COST_NOTE = 'see the README Reproductions section'
@@ -53,16 +51,9 @@ METHODS = {
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  smoke = variant == 'smoke'
-  c = ml_collections.ConfigDict()
-  c.name = f'vit_fig3_{variant}'
-  c.title = f'Soft MoE Fig. 3 analogue: ViT routers, 49 tokens, Fashion-MNIST ({variant})'
-  c.config_file = P.VIT
-  c.seeds = (0, 1) if smoke else (0, 1, 2)
-  c.metric, c.metric_label, c.metric_scale = 'test_accuracy', 'test accuracy (%)', 100.0
+  c = P.experiment('vit_fig3', variant, 'Soft MoE Fig. 3 analogue: ViT routers, 49 tokens, '
+                   'Fashion-MNIST', P.VIT, metric='test_accuracy')
+  smoke = c.name.endswith('smoke')
   arms = []
   sizes = {'tiny': 4} if smoke else STEPS
   for size, steps in sizes.items():
@@ -85,7 +76,8 @@ def get_config(variant=None):
     c.comparisons += [(f'experts_choice_{s}', f'tokens_choice_k1_{s}') for s in sizes]
   c.notes = ('No per-method tuning: the config file\'s optimiser and schedule per size; '
              'patch 4 for every arm.')
-  c.otherwise = ('Fashion-MNIST, 1-3M-parameter ViTs and minutes of CPU training: router gaps of <= 1 point sit within seed noise (the paper: JFT-4B, 300k steps)')
+  c.otherwise = ('Fashion-MNIST, 1-3M-parameter ViTs and minutes of CPU training: router gaps of '
+                 '<= 1 point sit within seed noise (the paper: JFT-4B, 300k steps)')
   c.claims = [
       dict(paper='Soft MoE (Puigcerver et al. 2024), Fig. 3 / Table 9',
            claim='Soft MoE beats the dense ViT of the same size',

@@ -26,8 +26,6 @@ Cost: COST_NOTE.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
-import ml_collections
-
 from moe_jax.experiments import presets as P
 
 COST_NOTE = 'see the README Reproductions section'
@@ -48,16 +46,9 @@ def method(m: str, e: int) -> tuple[str, dict]:
 
 
 def get_config(variant=None):
-  variant = variant or 'cpu'
-  if variant not in ('cpu', 'smoke'):
-    raise ValueError(f"unknown variant {variant!r}; choose 'cpu' or 'smoke'.")
-  smoke = variant == 'smoke'
-  c = ml_collections.ConfigDict()
-  c.name = f'vit_fig6_{variant}'
-  c.title = f'Soft MoE Fig. 6 analogue: experts at fixed slots / buffer ({variant})'
-  c.config_file = P.VIT
-  c.seeds = (0, 1) if smoke else (0, 1, 2)
-  c.metric, c.metric_label, c.metric_scale = 'test_accuracy', 'test accuracy (%)', 100.0
+  c = P.experiment('vit_fig6', variant, 'Soft MoE Fig. 6 analogue: experts at fixed slots / '
+                   'buffer', P.VIT, metric='test_accuracy')
+  smoke = c.name.endswith('smoke')
   common = (P.smoke(P.VIT) if smoke else
             P.merge(P.schedule(STEPS, evals=1, warmup=100), {'model.patch_size': 4}))
   methods = ('soft_moe',) if smoke else ('soft_moe', 'tokens_choice', 'experts_choice')
@@ -90,7 +81,8 @@ def get_config(variant=None):
                  panels=['metric', 'step_time_s', 'relative_step_time'])
   c.notes = ('No per-arm tuning. Soft MoE: 256 slots per image for every E; tokens / experts '
              'choice: capacity factor 1.0 in groups of 8 images for every E.')
-  c.otherwise = ("a CPU runs each expert's small matmul far below peak, so step time grows with the number of experts for every method; 256 experts at most and 500 steps")
+  c.otherwise = ("a CPU runs each expert's small matmul far below peak, so step time grows with "
+                 'the number of experts for every method; 256 experts at most and 500 steps')
   c.claims = [
       dict(paper='Soft MoE, Fig. 6 / Fig. 23',
            claim='Soft MoE quality improves with more experts at fixed slots',

@@ -75,10 +75,9 @@ def arms(names, variant: str) -> list[dict]:
           for name in names]
 
 
-def base(c, variant: str) -> None:
-  """Fields every decoder experiment shares."""
-  c.config_file = P.CAUSAL
-  c.root = ROOT if variant == 'cpu' else f'{ROOT}_{variant}'
-  c.seeds = (0, 1) if variant == 'smoke' else (0, 1, 2)
-  c.metric, c.metric_label = 'neg_log_perplexity', 'validation neg. log perplexity'
-  c.higher_is_better = True
+def experiment(name: str, variant: str | None, title: str):
+  """The fields every decoder experiment shares (root, seeds, metric; see
+  `presets.experiment`); the smoke variant gets its own root."""
+  c = P.experiment(name, variant, title, P.CAUSAL, metric='neg_log_perplexity')
+  c.root = ROOT if c.name.endswith('_cpu') else f'{ROOT}_smoke'
+  return c

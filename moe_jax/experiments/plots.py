@@ -61,6 +61,11 @@ def pareto_plot(summary: dict, out: str) -> None:
     ax.grid(True, which='both', alpha=0.3)
   seeds = sorted({s for a in arms for s in a['seeds']})
   axes[0][0].set_ylabel(f"{summary.get('metric_label', metric)} (mean ± sd, seeds {seeds})")
+  _finish(fig, axes, summary, out)
+
+
+def _finish(fig, axes, summary: dict, out: str) -> None:
+  """Legend, title, layout; writes the PNG `out` and closes the figure."""
   axes[0][0].legend(fontsize=8, loc='best')
   if summary.get('title'):
     fig.suptitle(summary['title'])
@@ -112,10 +117,4 @@ def sweep_plot(summary: dict, out: str) -> None:
     ax.set_xlabel(sweep.get('x_label', 'x'))
     ax.set_ylabel(labels.get(key, key))
     ax.grid(True, which='both', alpha=0.3)
-  axes[0][0].legend(fontsize=8, loc='best')
-  if summary.get('title'):
-    fig.suptitle(summary['title'])
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+  _finish(fig, axes, summary, out)

@@ -5,9 +5,34 @@
 """
 from __future__ import annotations
 
+import ml_collections
+
 VIT = 'configs/vit/fashion_mnist.py'
 SPAN = 'configs/t5/span_corruption.py'
 CAUSAL = 'configs/t5/causal_lm.py'
+
+
+VARIANTS = ('cpu', 'smoke')
+METRICS = {'test_accuracy': dict(metric_label='test accuracy (%)', metric_scale=100.0),
+           'neg_log_perplexity': dict(metric_label='validation neg. log perplexity')}
+
+
+def experiment(name: str, variant: str | None, title: str, config_file: str, *,
+               metric: str) -> ml_collections.ConfigDict:
+  """The fields every experiment config sets: `<name>_<variant>`, its title, the config
+  file, seeds (3, or 2 for 'smoke') and the headline metric. Variants: 'cpu' (default),
+  'smoke'."""
+  variant = variant or 'cpu'
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; choose one of {VARIANTS}.')
+  c = ml_collections.ConfigDict()
+  c.name = f'{name}_{variant}'
+  c.title = f'{title} ({variant})'
+  c.config_file = config_file
+  c.seeds = (0, 1) if variant == 'smoke' else (0, 1, 2)
+  c.metric = metric
+  c.update(METRICS[metric])
+  return c
 
 
 def arm(name: str, config_arg: str, overrides: dict | None = None, *, group: str | None = None,
