@@ -17,10 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from moe_jax.experiments import run  # noqa: E402
+from moe_jax.experiments import experiment  # noqa: E402
 
 
 def get_config(recipe_path: str):
   with open(recipe_path) as f:
     recipe = ast.literal_eval(f.read())
-  return run.config_for(recipe['config_file'], recipe['config_arg'], recipe['overrides'])
+  return experiment.config_for(recipe['config_file'], recipe['config_arg'], recipe['overrides'])

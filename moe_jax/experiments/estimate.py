@@ -11,7 +11,9 @@ as many evaluations as its real run makes, through the same path as a real run
       + (real steps − STEPS) / measured steps per second      (+ its extra evaluations)
 
 per seed. Printed per arm and in total, and written to <root>/_estimate/<name>/estimate.json
-with the load average around each run (take it under --lock, on a quiet machine).
+with the load average around each run (take it under --lock, on a quiet machine); the
+per-arm numbers are also merged into experiments/estimates/<name>.json (committed: the
+measured costs the experiment docstrings and the README quote).
 """
 from __future__ import annotations
 
@@ -79,8 +81,26 @@ def estimate(exp: ml_collections.ConfigDict, root: str, steps: int, *, lock: str
   return out
 
 
+def record(out: dict, path: str) -> dict:
+  """Merges `out` into the estimate record at `path` (arms measured earlier, e.g. with
+  --only, are kept unless measured again); returns the record."""
+  rec = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      rec = json.load(f)
+  arms = {**rec.get('arms', {}), **{k: dict(v, steps=out['steps']) for k, v in out['arms'].items()}}
+  rec = dict(experiment=out['experiment'], arms=arms,
+             measured_total_s=sum(a.get('arm_s', 0.0) for a in arms.values()))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(rec, f, indent=1)
+  return rec
+
+
 def main(exp, root: str, steps: int, *, lock: str | None = None, only=None) -> dict:
   out = estimate(exp, root, steps, lock=lock, only=only)
+  path = os.path.join(run_lib.ROOT, 'experiments', 'estimates', f'{exp.name}.json')
+  rec = record(out, path)
   print(f"\n{exp.name}: estimated cost from {steps}-step runs ({out['runs']} runs)")
   print(f"{'arm':32s} {'steps/s':>8s} {'overhead s':>10s} {'steps':>6s} {'per run':>9s} "
         f"{'x seeds':>9s}  load")
@@ -91,5 +111,7 @@ def main(exp, root: str, steps: int, *, lock: str | None = None, only=None) -> d
     print(f"{name:32s} {a['steps_per_sec']:8.2f} {a['overhead_s']:10.0f} {a['real_steps']:6d} "
           f"{run_lib._duration(a['per_run_s']):>9s} {run_lib._duration(a['arm_s']):>9s}  "
           f"{a['loadavg']}")
-  print(f"total: {run_lib._duration(out['total_s'])} ({out['total_s'] / 3600:.2f} h)")
+  print(f"total of these arms: {run_lib._duration(out['total_s'])} ({out['total_s'] / 3600:.2f} h); "
+        f"all arms measured so far ({len(rec['arms'])} of {len(exp.arms)}): "
+        f"{rec['measured_total_s'] / 3600:.2f} h, recorded in {path}")
   return out

@@ -194,3 +194,13 @@ def test_estimate_runs_each_arm_briefly_with_as_many_evaluations(fake):
   assert a['optimizer.warmup_steps'] == 30 and a['checkpoint_every_steps'] == 60
   assert exp.arms[0]['overrides']['num_train_steps'] == 1200       # the experiment is untouched
   assert isinstance(short, ml_collections.ConfigDict)
+
+
+def test_estimate_record_merges_arms_measured_separately(tmp_path):
+  path = str(tmp_path / 'est' / 'x.json')
+  estimate.record(dict(experiment='x', steps=60, arms={'a': dict(arm_s=10.0)}), path)
+  rec = estimate.record(dict(experiment='x', steps=100, arms={'b': dict(arm_s=5.0),
+                                                               'c': dict(diverged='nan')}), path)
+  assert rec['arms'] == {'a': dict(arm_s=10.0, steps=60), 'b': dict(arm_s=5.0, steps=100),
+                         'c': dict(diverged='nan', steps=100)}
+  assert rec['measured_total_s'] == 15.0
