@@ -172,6 +172,11 @@ class TextData:
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
 
+  def train_token_counts(self) -> np.ndarray:
+    """[vocab_size] int64: occurrences of every id in the training split's token stream
+    (causal LM: with the EOS after each document), e.g. for frequency-balanced hash tables."""
+    return np.bincount(self._train[0], minlength=self.vocab_size)[:self.vocab_size]
+
   @property
   def steps_per_epoch(self) -> int:
     return self.train_size // self.batch_size

@@ -15,7 +15,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 COSTS = {'train_flops': 'training FLOPs', 'train_time_s': 'training wall time (s)',
-         'process_cpu_s': 'process CPU time (s)'}
+         'process_cpu_s': 'process CPU time (s)', 'step_time_s': 'seconds per training step'}
 MARKERS = 'os^D*vP<>Xph'
 
 
@@ -61,6 +61,11 @@ def pareto_plot(summary: dict, out: str) -> None:
     ax.grid(True, which='both', alpha=0.3)
   seeds = sorted({s for a in arms for s in a['seeds']})
   axes[0][0].set_ylabel(f"{summary.get('metric_label', metric)} (mean ± sd, seeds {seeds})")
+  _finish(fig, axes, summary, out)
+
+
+def _finish(fig, axes, summary: dict, out: str) -> None:
+  """Legend, title, layout; writes the PNG `out` and closes the figure."""
   axes[0][0].legend(fontsize=8, loc='best')
   if summary.get('title'):
     fig.suptitle(summary['title'])
@@ -68,3 +73,48 @@ def pareto_plot(summary: dict, out: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=120)
   plt.close(fig)
+
+
+def sweep_path(plot_path: str) -> str:
+  """experiments/plots/x.png -> experiments/plots/x_sweep.png."""
+  base, ext = os.path.splitext(plot_path)
+  return f'{base}_sweep{ext or ".png"}'
+
+
+def _quantity(arm: dict, key: str) -> dict | None:
+  """The {mean, sd, n} of `key` in a summary arm: 'metric', a cost or a derived metric."""
+  if key == 'metric':
+    return arm['metric']
+  if key in arm.get('derived', {}):
+    return arm['derived'][key]
+  return arm.get(key)
+
+
+def sweep_plot(summary: dict, out: str) -> None:
+  """One panel per quantity of `summary['sweep']['panels']` against each arm's `x` (e.g.
+  the number of experts), one line per group, error bars of one standard deviation."""
+  sweep = summary['sweep']
+  panels = list(sweep.get('panels', ['metric']))
+  labels = {d['name']: d.get('label', d['name']) for d in summary.get('derived', [])}
+  labels.update(COSTS, metric=summary.get('metric_label', summary['metric']),
+                steps_per_sec='training steps / s')
+  arms = [a for a in summary['arms'].values() if a.get('x') is not None]
+  groups = list(dict.fromkeys(a['group'] for a in arms))
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+  for ax, key in zip(axes[0], panels):
+    scale = summary.get('metric_scale', 1.0) if key == 'metric' else 1.0
+    for i, g in enumerate(groups):
+      pts = sorted(((a['x'], _quantity(a, key)) for a in arms if a['group'] == g),
+                   key=lambda p: p[0])
+      pts = [(x, q) for x, q in pts if q and q['n']]
+      if not pts:
+        continue
+      ax.errorbar([x for x, _ in pts], [scale * q['mean'] for _, q in pts],
+                  yerr=[scale * q['sd'] for _, q in pts], fmt=MARKERS[i % len(MARKERS)] + '-',
+                  color=colors[i % len(colors)], capsize=3, label=g)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel(sweep.get('x_label', 'x'))
+    ax.set_ylabel(labels.get(key, key))
+    ax.grid(True, which='both', alpha=0.3)
+  _finish(fig, axes, summary, out)

@@ -9,6 +9,10 @@ Every routing reports:
   * `expert_load`: [E], share of all processed (token, slot) weight mass per expert,
     sums to 1; uniform is 1/E;
   * `router_entropy`: mean over tokens of the entropy of the router distribution, nats.
+
+Token choice, Switch and expert choice also report `router_logit_max`, the largest
+|logit| of the call, beside `router_z_loss`, the mean squared logsumexp of the logits:
+the logit magnitudes that the ST-MoE router z-loss keeps small.
 """
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ def entropy(probs: Array, axis=-1) -> Array:
   """Mean entropy (nats) of distributions along `axis`."""
   p = probs.astype(jnp.float32)
   return jnp.mean(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=axis))
+
+
+def router_logit_max(logits: Array) -> Array:
+  """max |logit| over every token and expert of the call (a scalar, no gradient)."""
+  return jax.lax.stop_gradient(jnp.max(jnp.abs(logits.astype(jnp.float32))))
 
 
 def sparse_metrics(slot_token: Array, num_tokens: int, router_probs: Array,

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from moe_jax.routing import losses as losses_lib
 from moe_jax.routing.capacity import compute_capacity
+from moe_jax.routing.metrics import router_logit_max
 from moe_jax.routing.tokens_choice import finish_token_routing
 from moe_jax.routing.types import Routing
 
@@ -76,5 +77,7 @@ def switch_top1(logits: Array, *, straight_through: bool = False,
   raw = dict(load_balancing=losses_lib.load_balancing_loss(probs, expert_index, count='top1'),
              router_z=losses_lib.router_z_loss(logits))
   aux = losses_lib.weighted(raw, dict(load_balancing=load_balance_weight, router_z=z_loss_weight))
+  metrics = {f'{n}_loss': v for n, v in raw.items()}
+  metrics['router_logit_max'] = router_logit_max(logits)
   return finish_token_routing(probs, expert_index, weight, capacity=capacity, aux_losses=aux,
-                              metrics={f'{n}_loss': v for n, v in raw.items()})
+                              metrics=metrics)

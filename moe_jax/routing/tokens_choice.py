@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from moe_jax.routing import losses as losses_lib
 from moe_jax.routing.assign import assign_slots
 from moe_jax.routing.capacity import compute_capacity
-from moe_jax.routing.metrics import sparse_metrics
+from moe_jax.routing.metrics import router_logit_max, sparse_metrics
 from moe_jax.routing.types import Routing
 
 Array = jax.Array
@@ -105,6 +105,7 @@ def tokens_choice(logits: Array, *, k: int = 1, capacity_factor: float | None = 
              importance=losses_lib.importance_loss(probs))
   aux = losses_lib.weighted(raw, dict(load_balancing=load_balance_weight, router_z=z_loss_weight,
                                       importance=importance_weight))
+  metrics = {f'{n}_loss': v for n, v in raw.items()}
+  metrics['router_logit_max'] = router_logit_max(logits)
   return finish_token_routing(probs, expert_index, weight, capacity=capacity, priority=priority,
-                              aux_losses=aux, metrics={f'{n}_loss': v for n, v in raw.items()},
-                              slot_order=slot_order)
+                              aux_losses=aux, metrics=metrics, slot_order=slot_order)

@@ -39,13 +39,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config)
 
 
-def load_model(workdir: str, step: int | None = None):
+def load_model(workdir: str, step: int | None = None,
+               config: ml_collections.ConfigDict | None = None):
   """(model, config): the model of `workdir`'s config with its checkpoint's variables.
 
   RNG keys stay fresh (the checkpoint stores raw key data); every other variable, the
-  router state included, comes from the checkpoint.
+  router state included, comes from the checkpoint. `config` (default: the run's own)
+  builds the model instead, e.g. the run's config with another evaluation routing rule;
+  its parameters must have the checkpoint's shapes.
   """
-  config = load_config(workdir)
+  config = load_config(workdir) if config is None else config
   model = config_lib.build_model(config.model, rngs=nnx.Rngs(0))
   flat = checkpoint.read_model_variables(workdir, step)
   if flat is None:
