@@ -37,8 +37,10 @@ def evaluate_workdir(workdir: str, overrides: dict) -> dict:
   task = tasks.TASKS[config.task.name](config)
   task.prepare()
   model, _ = workdir_lib.load_model(workdir, config=config)
-  ev = trainer.evaluate(steps.make_eval_step(model, task), nnx.state(model), task)
-  return dict(final=task.final_metrics(ev), eval=ev, overrides=overrides,
+  evaluation = trainer.evaluate(steps.make_eval_step(model, task), nnx.state(model), task)
+  ev = dict(evaluation.metrics)
+  ev.update({k: [float(x) for x in v] for k, v in evaluation.vectors.items()})   # load vectors
+  return dict(final=task.final_metrics(evaluation.metrics), eval=ev, overrides=overrides,
               step=workdir_lib.load_record(workdir).get('steps'))
 
 

@@ -59,6 +59,18 @@ def global_sum(x: Any) -> Any:
   return jax.tree.map(lambda v: lax.psum(v, axes), x)
 
 
+def global_max(x: Any) -> Any:
+  """Max over all devices (pytree of arrays); identity outside shard_map."""
+  axes = batch_axes_in_context()
+  if not axes:
+    return x
+  return jax.tree.map(lambda v: lax.pmax(v, axes), x)
+
+
+# Metrics that are maxima over the tokens (not means): reduced with a max over devices.
+MAX_METRICS = ('router_logit_max',)
+
+
 def expert_all_to_all(expert_fn: Callable[[Array], Array], axis: str = mesh_lib.EXPERT
                       ) -> Callable[[Array], Array]:
   """Wraps a local expert function `[E/n, N', d] -> [E/n, N', d']` into `[E, N, d] -> [E, N, d']`.
@@ -88,7 +100,8 @@ def global_routing_stats(r) -> dict:
   single-device value. `expert_load` is normalised per device, so it is averaged with
   the weight of each device's processed mass, which makes it exact too.
   `dropped_fraction` is exact when every device requests the same number of
-  assignments (all routers without a request mask).
+  assignments (all routers without a request mask). Maxima (`MAX_METRICS`) take the
+  max over devices.
   """
   losses = global_mean(dict(r.aux_losses))
   metrics = {}
@@ -99,6 +112,8 @@ def global_routing_stats(r) -> dict:
     if name == 'expert_load':
       mass = _processed_mass(r)
       metrics[name] = global_sum(value * mass) / jnp.maximum(global_sum(mass), 1e-9)
+    elif name in MAX_METRICS:
+      metrics[name] = global_max(value)
     else:
       metrics[name] = global_mean(value)
   return dict(losses=losses, metrics=metrics)
