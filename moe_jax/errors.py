@@ -26,3 +26,13 @@ class ConfigError(ValueError):
     """The same error with its field placed under `prefix` ('config.model.moe' + 'k')."""
     field = f'{prefix}.{self.field}' if self.field else prefix
     return ConfigError(self.detail, field=field)
+
+
+def check_positive(**sizes) -> None:
+  """Raises ConfigError (field = the name) for the first size that is not a positive
+  integer; None means 'not set'. Models call it before dividing by any of them."""
+  for name, v in sizes.items():
+    if v is None:
+      continue
+    if isinstance(v, bool) or not hasattr(v, '__index__') or v < 1:
+      raise ConfigError(f'must be a positive integer, got {v!r}.', field=name)

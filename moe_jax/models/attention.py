@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax.errors import check_positive
+
 Array = jax.Array
 # Masked logits are replaced (not shifted) by this, so a fully masked row stays finite.
 MASKED = float(np.finfo(np.float32).min)
@@ -129,6 +131,7 @@ class Attention(nnx.Module):
   def __init__(self, width: int, num_heads: int, *, head_dim: int | None = None,
                kv_width: int | None = None, fused_qkv: bool = False, use_bias: bool = True,
                kernel_init=None, dtype=None, rngs: nnx.Rngs):
+    check_positive(width=width, num_heads=num_heads, head_dim=head_dim)
     if head_dim is None:
       if width % num_heads:
         raise ValueError(f'width {width} must be divisible by num_heads {num_heads}.')

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax.errors import check_positive
 from moe_jax.models.stack import Stack
 from moe_jax.models.transformer import compute_dtype, moe_config
 
@@ -114,8 +115,8 @@ class _LanguageModel(nnx.Module):
              max_distance: int, norm_eps: float, moe_extra_mlp: bool, dtype: str,
              size: str | None, rngs: nnx.Rngs) -> dict:
     """Builds the embedding and output layer; returns the keywords of the model's stacks."""
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-      raise ValueError(f'vocab_size must be an int >= 1, got {vocab_size!r}.')
+    check_positive(vocab_size=vocab_size, width=width, num_heads=num_heads, head_dim=head_dim,
+                   mlp_dim=mlp_dim, num_buckets=num_buckets, max_distance=max_distance)
     self.size, self.vocab_size, self.width = size, vocab_size, width
     self.dtype = compute_dtype(dtype)
     # Experts default to the model's own MLP unless the MoE dict says otherwise.
@@ -160,6 +161,7 @@ class EncoderDecoder(_LanguageModel):
                encoder_moe=None, decoder_moe=None, moe_extra_mlp: bool = False,
                max_input_length: int | None = None, max_target_length: int | None = None,
                dtype: str = 'float32', size: str | None = None, rngs: nnx.Rngs):
+    check_positive(encoder_depth=encoder_depth, decoder_depth=decoder_depth)
     kw = self._setup(**{k: v for k, v in locals().items() if k in _SHARED})
     enc_moe = moe_config(encoder_moe, field='config.model.encoder_moe',
                          defaults=self.expert_defaults)
@@ -234,6 +236,7 @@ class Decoder(_LanguageModel):
                norm_eps: float = 1e-6, moe=None, moe_extra_mlp: bool = False,
                max_length: int | None = None, dtype: str = 'float32', size: str | None = None,
                rngs: nnx.Rngs):
+    check_positive(depth=depth)
     kw = self._setup(**{k: v for k, v in locals().items() if k in _SHARED})
     dec_moe = moe_config(moe, field='config.model.moe', defaults=self.expert_defaults)
     self.decoder = Stack(depth, name='decoder', causal=True, moe=dec_moe,

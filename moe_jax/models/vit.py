@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax.errors import check_positive
 from moe_jax.layers import LayerContext
 from moe_jax.models.placement import stack_moe_blocks
 from moe_jax.models.token_ids import TOKEN_ID_FNS, image_patches
@@ -107,6 +108,9 @@ class ViT(nnx.Module):
                patch_content: dict | None = None, size: str | None = None,
                dtype: str = 'float32', rngs: nnx.Rngs):
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    check_positive(num_classes=num_classes, image_height=h, image_width=w, channels=channels,
+                   patch_size=patch_size, width=width, depth=depth, mlp_dim=mlp_dim,
+                   num_heads=num_heads)
     if h % patch_size or w % patch_size:
       raise ValueError(f'image size {(h, w)} is not divisible by patch_size {patch_size}.')
     if pool not in ('gap', 'token'):

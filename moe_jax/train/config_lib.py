@@ -10,6 +10,7 @@ Family bases (`moe_jax.configs.vit.base_config`, `moe_jax.configs.t5...`) add `t
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
@@ -194,3 +195,49 @@ def build_abstract_model(model: ml_collections.ConfigDict):
   """The model with ShapeDtypeStruct leaves (no memory, no compute): validates its config."""
   from flax import nnx
   return nnx.eval_shape(lambda: build_model(model, rngs=nnx.Rngs(0)))
+
+
+def unknown_override_message(argv: list[str]) -> str | None:
+  """For `--config.a.b=v` flags whose field the config file lacks (ml_collections then
+  raises a bare AttributeError): the first such field, what its group has (or, under
+  `router_kwargs`, what the router takes) and the nearest name. None if none is found."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(':')
+  try:
+    config = load_config_module(path).get_config(arg or None)
+  except Exception:   # noqa: BLE001 - the config file's own error is reported elsewhere
+    return None
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    keys = a[len('--config.'):].split('=', 1)[0].split('.')
+    node = config
+    for i, key in enumerate(keys):
+      if isinstance(node, ml_collections.ConfigDict) and key in node:
+        node = node[key]
+        continue
+      field, parent = 'config.' + '.'.join(keys[:i + 1]), keys[:i]
+      if parent and parent[-1] == 'router_kwargs':
+        moe = config
+        for k in parent[:-1]:
+          moe = moe[k]
+        router = ROUTERS.get(moe.get('router'))
+        if router is not None and key in router.accepted_kwargs():
+          return (f'{field}: {router.__name__} takes {key!r}, but the config file does not list '
+                  f'it and a --config flag can only change listed fields: set it in the config '
+                  f'file (router_kwargs), or in an experiment config (its overrides may add '
+                  f'router options).')
+        if router is not None:
+          try:
+            router.check_kwargs({key: None})
+          except ConfigError as e:
+            return f'{field}: {e.detail}'
+      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      near = difflib.get_close_matches(key, fields, n=1)
+      hint = f' Did you mean {near[0]!r}?' if near else ''
+      group = 'config.' + '.'.join(parent) if parent else 'the config'
+      return (f'{field}: no such field in {path}.{hint} '
+              + (f'{group} has: {", ".join(fields)}.' if fields else f'{group} is not a group.'))
+  return None

@@ -134,6 +134,10 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     sys.exit(_fail(EXIT_BAD_INPUT, 'bad input, nothing was trained', str(e)))
+  except (AttributeError, KeyError) as e:   # ml_collections: an override of a missing field
+    from moe_jax.train import config_lib
+    sys.exit(_fail(EXIT_BAD_INPUT, 'bad input, nothing was trained',
+                   config_lib.unknown_override_message(argv) or f'a --config override: {e}'))
 
 
 if __name__ == '__main__':

@@ -202,6 +202,19 @@ def test_models_build_from_config_dicts_as_the_trainer_does():
     MODELS[c.name](**{k: v for k, v in c.items() if k != 'name'}, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize('field, value', [('depth', 0), ('num_heads', 0), ('vocab_size', 0),
+                                          ('mlp_dim', -1), ('encoder_depth', 0)])
+def test_sizes_must_be_positive_integers_before_anything_divides_by_them(field, value):
+  from moe_jax.train import config_lib
+  name = 'encoder_decoder' if field == 'encoder_depth' else 'decoder'
+  depths = dict(encoder_depth=2, decoder_depth=2) if name == 'encoder_decoder' else dict(depth=2)
+  c = ml_collections.ConfigDict(dict(name=name, **depths, **TINY))
+  c[field] = value
+  with pytest.raises(ConfigError, match=rf'^config\.model\.{field}: must be a positive integer, '
+                                        rf'got {value}\.'):
+    config_lib.build_abstract_model(c)
+
+
 @functools.lru_cache(maxsize=None)
 def _preset_params_cached(name):
   return _preset_params(name)

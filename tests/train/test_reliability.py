@@ -191,8 +191,9 @@ def test_first_nonfinite_term_names_the_layer():
 UNWRITABLE = 'unwritable'
 BAD_VALUES = [
     ('seed', -1, 'config.seed'),
-    ('model.patch_size', 0, 'config.model'),
-    ('model.num_heads', 0, 'config.model'),
+    ('model.patch_size', 0, 'config.model.patch_size: must be a positive integer'),
+    ('model.num_heads', 0, 'config.model.num_heads: must be a positive integer'),
+    ('model.depth', 0, 'config.model.depth: must be a positive integer'),
     ('model.moe.router_kwargs.topk', 2, 'config.model.moe.router_kwargs.topk'),
     ('model.moe.router_kwargs.capacity_factor', -1.0, 'config.model'),
     ('model.moe.router_kwargs.k', 0, 'config.model'),
@@ -222,6 +223,26 @@ def test_bad_values_fail_before_any_work_and_create_nothing(tmp_path, field, val
     train_and_evaluate(config, str(wd))
   assert named in str(e.value), str(e.value)
   assert not wd.exists()
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('model.moe.router_kwargs.topk=2',
+     "config.model.moe.router_kwargs.topk: TokensChoiceRouter takes no argument 'topk'. It "
+     "takes: balance_count"),
+    ('model.moe.num_expert=4', "config.model.moe.num_expert: no such field in "
+     "configs/vit/fashion_mnist.py. Did you mean 'num_experts'? config.model.moe has: "),
+    ('model.moe.router_kwargs.renormalize=true',
+     "config.model.moe.router_kwargs.renormalize: TokensChoiceRouter takes 'renormalize', but "
+     "the config file does not list it"),
+    ('model.patch_size.x=1', 'config.model.patch_size is not a group.'),
+])
+def test_a_command_line_override_of_a_missing_field_is_explained(override, expected):
+  """ml_collections answers such a flag with a bare AttributeError; main.py explains it."""
+  from moe_jax.train import config_lib
+  argv = ['main', '--config=configs/vit/fashion_mnist.py:tokens_choice,tiny', '--workdir=/x',
+          '--config.num_train_steps=3', f'--config.{override}']
+  assert expected in config_lib.unknown_override_message(argv)
+  assert config_lib.unknown_override_message(argv[:-1]) is None
 
 
 def test_a_checkpoint_keeps_its_own_meta_while_the_trainer_moves_on(tmp_path):
