@@ -20,13 +20,12 @@ centroid gain 0.1; S-BASE sigmoid gate, Sinkhorn to tolerance 1e-3; RL-R baselin
 0.99, balance loss 1e-2). Expected (lm-experiments.md §5.4): gaps of 0.01-0.03 nats;
 the ordering S-BASE >= BASE ~ Switch > hash is plausible, not assured.
 
-Cost: COST_NOTE.
+Cost: estimated with `--estimate=60` (experiments/estimates/lm_base_routing_cpu.json, before TCMalloc): 2.2 h for all 6 arms (3 seeds each) (6–14 min per run); not run yet.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
 from moe_jax.experiments import decoder_arms as D
 
-COST_NOTE = 'see the README Reproductions section'
 ARMS = ('dense', 'switch', 'base', 'sinkhorn_base', 'reinforce', 'hash_random')
 
 

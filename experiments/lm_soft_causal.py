@@ -12,13 +12,12 @@ causal Soft MoE (1 slot instance per position, 1 slot parameter per expert).
 
 No paper number exists (the Soft MoE paper leaves decoders to future work); the claim
 tested is ours: that the causal variant keeps Soft MoE's advantage over token choice.
-Tuning budget: none (the config file's optimiser). Cost: COST_NOTE.
+Tuning budget: none (the config file's optimiser). Cost: estimated with `--estimate=60` (experiments/estimates/lm_soft_causal_cpu.json, before TCMalloc): 0.8 h for 2 of its 4 arms (3 seeds each; the others train in an earlier config or were not estimated) (6–9 min per run); not run yet.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
 from moe_jax.experiments import decoder_arms as D
 
-COST_NOTE = 'see the README Reproductions section'
 ARMS = ('dense', 'switch', 'top2', 'soft_moe_causal')
 
 

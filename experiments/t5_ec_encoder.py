@@ -14,13 +14,12 @@ seeds. Equal compute pairs: EC-CF1 vs top-1, EC-CF2 vs top-2.
 
 Tuning budget: none (the config file's optimiser; EC without aux loss, as the paper).
 Expected (lm-experiments.md §5.2): small gaps (<= 0.02 nats) at this scale; the paper's
-CF ordering CF2 > CF1 > CF0.5 may be resolvable. Cost: COST_NOTE.
+CF ordering CF2 > CF1 > CF0.5 may be resolvable. Cost: estimated with `--estimate=60` (experiments/estimates/t5_ec_encoder_cpu.json, before TCMalloc): 1.1 h for 3 of its 5 arms (3 seeds each; the others train in an earlier config or were not estimated) (5–10 min per run); not run yet.
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
 from moe_jax.experiments import presets as P
 
-COST_NOTE = 'see the README Reproductions section'
 STEPS, EVALS = 1200, 6
 EC = {'ec_cf0.5': 0.5, 'ec_cf1': 1.0, 'ec_cf2': 2.0}
 TC = {'tc_top1': 1, 'tc_top2': 2}

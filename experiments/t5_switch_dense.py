@@ -24,13 +24,12 @@ AdamW instead of Adafactor, technical English instead of C4. Expected
 step speed-ups 1.5-3x, monotone in experts with diminishing returns; top-1 vs top-2 at
 the noise floor.
 
-Cost: COST_NOTE.
+Cost: estimated with `--estimate=60` (experiments/estimates/t5_switch_dense_cpu.json, before TCMalloc): 1.3 h for 4 of its 7 arms (3 seeds each; the others train in an earlier config or were not estimated) (5–8 min per run); not run yet.
 
 Variants: cpu (the experiment), smoke (two tiny arms, two seeds, 4 steps; the test suite).
 """
 from moe_jax.experiments import presets as P
 
-COST_NOTE = 'see the README Reproductions section'
 EXPERTS = (2, 4, 8, 16, 32)
 STEPS, EVALS = 1200, 12
 

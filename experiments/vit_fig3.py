@@ -29,13 +29,12 @@ Expected: the paper's ordering Soft MoE > experts choice > tokens choice > dense
 equal cost; at this scale gaps of <= 1 point (paper-results §7), so only some pairs
 may resolve.
 
-Cost: COST_NOTE.
+Cost: not measured yet (no estimate run; not run).
 
 Variants: cpu (the experiment), smoke (two tiny arms, two seeds, 4 steps; the test suite).
 """
 from moe_jax.experiments import presets as P
 
-COST_NOTE = 'see the README Reproductions section'
 STEPS = {'tiny': 1500, 'small': 600}
 GROUP = 8 * 49                     # routing groups of 8 images (Table 9: group 392 at S/32)
 METHODS = {

@@ -22,13 +22,12 @@ below peak, so the per-expert cost is larger than on a TPU). The paper's claims:
 MoE's step time stays about flat as experts grow and its quality improves; tokens
 choice costs almost 4x (3.9x) at 4096 experts, experts choice > 2.5x.
 
-Cost: COST_NOTE.
+Cost: not measured yet (no estimate run; not run).
 
 Variants: cpu, smoke (two tiny arms, two seeds, 4 steps).
 """
 from moe_jax.experiments import presets as P
 
-COST_NOTE = 'see the README Reproductions section'
 EXPERTS = (8, 16, 32, 64, 128, 256)
 TOTAL_SLOTS = 256
 GROUP = 8 * 49
