@@ -56,7 +56,9 @@ def pareto_plot(summary: dict, out: str) -> None:
                       fontsize=7, color=color)
       f = frontier(list(zip(xs, ys)), hib)
       ax.plot([p[0] for p in f], [p[1] for p in f], color=color, lw=1.2, alpha=0.8)
-    ax.set_xscale('log')
+    xs_all = [a[cost]['mean'] for a in arms if a[cost]['n'] and a[cost]['mean']]
+    if xs_all and max(xs_all) > 2 * min(xs_all):   # a log axis only across a factor > 2
+      ax.set_xscale('log')
     ax.set_xlabel(COSTS.get(cost, cost))
     ax.grid(True, which='both', alpha=0.3)
   seeds = sorted({s for a in arms for s in a['seeds']})
