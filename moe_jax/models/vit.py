@@ -109,8 +109,7 @@ class ViT(nnx.Module):
                dtype: str = 'float32', rngs: nnx.Rngs):
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     check_positive(num_classes=num_classes, image_height=h, image_width=w, channels=channels,
-                   patch_size=patch_size, width=width, depth=depth, mlp_dim=mlp_dim,
-                   num_heads=num_heads)
+                   patch_size=patch_size, depth=depth, mlp_dim=mlp_dim)   # heads: Attention
     if h % patch_size or w % patch_size:
       raise ValueError(f'image size {(h, w)} is not divisible by patch_size {patch_size}.')
     if pool not in ('gap', 'token'):
